@@ -1,0 +1,74 @@
+"""Local fine-tuning of one device for one plan: the same code under every engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import Encoded, collate, eval_batches, sample_batches
+from .lora import AdapterState, LoraHost
+from .methods.base import LoraPlan
+
+
+class LocalTrainingError(RuntimeError):
+    """Local training that produced no usable update (e.g. the loss turned NaN)."""
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    state: AdapterState
+    samples: int
+    loss: float
+    batch_shapes: list[tuple[int, int]]  # (batch size, padded width) of each step, for the cost model
+
+
+def local_steps_for(n_examples: int, batch_size: int, local_steps: int, local_epochs: float) -> int:
+    """Steps of a round: a fixed count, or (local_steps = 0) epochs over the device's data."""
+    if local_steps > 0:
+        return local_steps
+    return max(1, math.ceil(local_epochs * n_examples / batch_size))
+
+
+def train_local(host: LoraHost, plan: LoraPlan, payload: AdapterState, data: Encoded, *, steps: int,
+                batch_size: int, lr: float, rng: np.random.Generator, pad_id: int,
+                weight_decay: float = 0.0, max_grad_norm: float = 1.0) -> LocalResult:
+    """AdamW on the plan's LoRA tensors and the head (eq. 7), starting from the payload."""
+    name = host.use(plan.ranks)
+    host.load(name, payload)
+    params = list(host.params(name).values())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model = host.peft
+    model.train()
+    losses, shapes, seen = [], [], 0
+    for idx in sample_batches(len(data), steps, min(batch_size, len(data)), rng):
+        batch = collate([data.ids[i] for i in idx], data.labels[idx], pad_id)
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise LocalTrainingError(f"device {plan.device}: loss became {loss.item()} at step {len(losses) + 1}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        losses.append(loss.item())
+        shapes.append(tuple(batch["input_ids"].shape))
+        seen += len(idx)
+    return LocalResult(host.read(name), seen, float(np.mean(losses)), shapes)
+
+
+@torch.no_grad()
+def evaluate(host: LoraHost, state: AdapterState, data: Encoded, batch_size: int, pad_id: int) -> tuple[float, float]:
+    """(accuracy, mean loss) of the global adapter on `data`."""
+    name = host.use(host.global_ranks)
+    host.load(name, state)
+    model = host.peft
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for batch in eval_batches(data, batch_size, pad_id):
+        out = model(**batch)
+        loss_sum += float(out.loss) * len(batch["labels"])
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    return correct / len(data), loss_sum / len(data)

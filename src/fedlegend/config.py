@@ -1,0 +1,168 @@
+"""Typed experiment configuration: one TOML file holds every knob.
+
+Every section forbids unknown keys and every number carries its allowed range, so a
+typo or an out-of-range value fails with a message naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("minilm-l6", description="registered model (minilm-l6, mpnet-base) or 'local'")
+    path: str | None = Field(None, description="a local Hugging Face model folder when name = 'local'")
+    target_modules: list[str] | None = Field(
+        None, description="LoRA target module names inside a layer; default: the model's own"
+    )
+    lora_alpha_over_rank: float = Field(2.0, gt=0, description="LoRA alpha = this * rank (same scaling at every rank)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class DataConfig(_Section):
+    name: str = Field("rotten-tomatoes", description="registered dataset (rotten-tomatoes) or 'file'")
+    path: str | None = Field(None, description="a CSV or JSONL file when name = 'file'")
+    text_column: str = "text"
+    label_column: str = "label"
+    test_size: int = Field(1500, ge=10, description="held-out test examples (fixed seeded split)")
+    max_length: int = Field(64, ge=8, le=512)
+    eval_subset: int | None = Field(None, ge=10, description="evaluate on the first N test examples only")
+
+
+class PartitionConfig(_Section):
+    kind: Literal["dirichlet", "iid"] = "dirichlet"
+    alpha: float = Field(10.0, gt=0, description="Dirichlet concentration over labels (paper: 10)")
+
+
+class FleetConfig(_Section):
+    devices: int = Field(20, ge=1, le=10000)
+    mode_change_every: int = Field(20, ge=1, description="rounds between random power-mode changes (paper: 20)")
+    bandwidth_min_mbps: float = Field(1.0, gt=0)
+    bandwidth_max_mbps: float = Field(30.0, gt=0)
+    downlink_factor: float = Field(4.0, gt=0, description="download bandwidth = upload bandwidth * this")
+    round_deadline_s: float | None = Field(
+        None, gt=0, description="per-round budget; sets C_i = speed*deadline and B_i = bandwidth*deadline (eq. 14-15)"
+    )
+
+    @model_validator(mode="after")
+    def _bandwidth_order(self) -> "FleetConfig":
+        if self.bandwidth_min_mbps > self.bandwidth_max_mbps:
+            raise ValueError("bandwidth_min_mbps must not exceed bandwidth_max_mbps")
+        return self
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(4, ge=0, description="optimizer steps per device per round (0: use local_epochs)")
+    local_epochs: float = Field(1.0, gt=0, description="passes over the device's data per round when local_steps = 0")
+    batch_size: int = Field(16, ge=1, le=1024)
+    lr: float = Field(2e-3, gt=0, le=1.0, description="AdamW learning rate (paper: 0.002)")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    eval_batch_size: int = Field(128, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 disables)")
+
+
+class LegendConfig(_Section):
+    rank_budget: int = Field(48, ge=1, description="psi: total rank over all layers (eq. 11)")
+    rank_step: int = Field(1, ge=0, description="lambda: rank increase per layer toward the output")
+    rho: float = Field(0.8, ge=0, le=1, description="moving-average weight of the old estimate (eq. 8-9)")
+    epsilon_s: float | None = Field(None, gt=0, description="waiting threshold on W (eq. 13); null disables")
+    min_depth: int = Field(1, ge=1)
+    fill_idle: bool = Field(True, description="greedy: deepen a device while its time stays under the round time")
+    weighting: Literal["mean", "samples"] = Field("mean", description="eq. 17 plain mean (paper) or sample-weighted")
+    uniform_ranks: bool = Field(False, description="ablation w/o RD: same rank on every layer")
+    full_depth: bool = Field(False, description="ablation w/o LD: every device at depth L")
+
+
+class FedLoraConfig(_Section):
+    rank: int = Field(8, ge=1, description="the same rank on every layer of every device")
+    weighting: Literal["mean", "samples"] = "samples"
+
+
+class MethodConfig(_Section):
+    name: str = Field("legend", description="registered method name")
+    legend: LegendConfig = Field(default_factory=LegendConfig)
+    fedlora: FedLoraConfig = Field(default_factory=FedLoraConfig)
+
+
+class RunConfig(_Section):
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(30, ge=1, le=100000)
+    eval_every: int = Field(3, ge=1)
+    target_accuracy: float = Field(0.75, gt=0, le=1)
+    threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key; check the spelling (see configs/default.toml for every key)")
+        else:
+            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 source: str = "config") -> Config:
+    """Validate a config tree plus dotted overrides (e.g. {"run.rounds": 5})."""
+    tree: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (pass an existing TOML file to --config)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    return build_config(data, overrides, source=str(path or "defaults"))
+
+
+def dump_config(cfg: Config) -> str:
+    """The full resolved config as TOML (None values are omitted: TOML has no null)."""
+    return tomli_w.dumps(cfg.model_dump(exclude_none=True))

@@ -1,0 +1,107 @@
+"""Tokenization, the fixed train/test split, and seeded Dirichlet / IID partitions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .assets import TextDataset
+
+SPLIT_SEED = 20240601  # the test split is the same for every run seed, so runs compare on one test set
+
+
+class DataError(ValueError):
+    """Data that cannot be partitioned or used; the message names the fix."""
+
+
+@dataclass
+class Encoded:
+    """Token ids (unpadded) and labels of one split."""
+    ids: list[list[int]]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx) -> "Encoded":
+        return Encoded([self.ids[i] for i in idx], self.labels[np.asarray(idx, dtype=int)])
+
+
+def split_train_test(ds: TextDataset, test_size: int) -> tuple[list[int], list[int]]:
+    """Fixed seeded split of example indices (train, test)."""
+    n = len(ds.labels)
+    if test_size >= n:
+        raise DataError(f"data.test_size={test_size} leaves no training data ({n} examples); lower it")
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return sorted(perm[test_size:].tolist()), sorted(perm[:test_size].tolist())
+
+
+def encode(tokenizer, texts: list[str], labels: list[int], max_length: int) -> Encoded:
+    out = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
+    return Encoded(list(out["input_ids"]), np.asarray(labels, dtype=np.int64))
+
+
+def collate(ids: list[list[int]], labels: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of this batch (dynamic padding keeps short snippets cheap)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.as_tensor(labels, dtype=torch.long)}
+
+
+def eval_batches(data: Encoded, batch_size: int, pad_id: int):
+    """Test batches sorted by length: same result, far less padding."""
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        yield collate([data.ids[i] for i in idx], data.labels[idx], pad_id)
+
+
+def partition(labels: np.ndarray, num_devices: int, kind: str, alpha: float, seed: int,
+              min_size: int = 1) -> list[np.ndarray]:
+    """Indices of each device's examples, via flwr-datasets' partitioners (seeded)."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    n = len(labels)
+    if num_devices > n:
+        raise DataError(f"{num_devices} devices but only {n} training examples: some partitions would be empty; "
+                        "use fewer devices")
+    ds = Dataset.from_dict({"label": labels.tolist(), "idx": list(range(n))})
+    if kind == "iid":
+        part = IidPartitioner(num_partitions=num_devices)
+    elif kind == "dirichlet":
+        # The partitioner retries only 10 times to meet min_partition_size: keep it well below n/devices.
+        min_size = max(1, min(min_size, n // (4 * num_devices)))
+        part = DirichletPartitioner(num_partitions=num_devices, partition_by="label", alpha=alpha,
+                                    min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed)
+    else:
+        raise DataError(f"unknown partition kind {kind!r}; use 'dirichlet' or 'iid'")
+    part.dataset = ds
+    try:
+        parts = [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_devices)]
+    except ValueError as err:
+        raise DataError(f"could not partition {n} examples over {num_devices} devices with alpha={alpha}: {err}; "
+                        "use fewer devices or a larger alpha") from None
+    for i, p in enumerate(parts):
+        if len(p) == 0:
+            raise DataError(f"partition of device {i} is empty; use fewer devices or a larger partition.alpha")
+    return parts
+
+
+def label_histogram(labels: np.ndarray, num_labels: int) -> list[int]:
+    return np.bincount(labels, minlength=num_labels).tolist()
+
+
+def sample_batches(n_examples: int, steps: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`steps` batches of local indices: shuffled epochs, cycling when the partition is small."""
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order.extend(rng.permutation(n_examples).tolist())
+    flat = np.asarray(order[: steps * batch_size])
+    return [flat[s * batch_size : (s + 1) * batch_size] for s in range(steps)]

@@ -1,0 +1,176 @@
+"""Simulated heterogeneous fleet after the paper's testbed (section 6.1), and its cost model.
+
+Compute: Jetson TX2 (4 power modes), Xavier NX and AGX Xavier (8 modes each); the fastest
+AGX mode is 100x the slowest TX2 mode; every device re-draws its mode at random every
+`mode_change_every` rounds. Network: four Wi-Fi distance groups (2, 8, 14, 20 m) whose
+bandwidth fluctuates round to round within [1, 30] Mb/s.
+
+The figures are effective training throughputs (GFLOP/s actually sustained by fp32
+PyTorch training, not datasheet peaks); only their ratios shape the results. Every draw
+comes from a generator keyed by (seed, device, round), so the fleet is a pure function of
+the seed: simulated time never reads the host's clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .lora import ModelSpec, Ranks
+
+
+@dataclass(frozen=True)
+class DeviceType:
+    name: str
+    share: int                       # devices of this type per 80 (the paper: 30 / 40 / 10)
+    mode_gflops: tuple[float, ...]   # effective throughput per power mode, fastest first
+
+
+DEVICE_TYPES: dict[str, DeviceType] = {
+    "tx2": DeviceType("Jetson TX2", 30, (16.0, 10.0, 6.0, 4.0)),
+    "nx": DeviceType("Jetson Xavier NX", 40, (120.0, 92.0, 72.0, 56.0, 44.0, 34.0, 26.0, 20.0)),
+    "agx": DeviceType("Jetson AGX Xavier", 10, (400.0, 310.0, 240.0, 185.0, 145.0, 110.0, 85.0, 65.0)),
+}
+
+# Wi-Fi distance group (m) -> mean upload bandwidth (Mb/s) before fluctuation.
+WIFI_GROUPS: tuple[tuple[float, float], ...] = ((2.0, 24.0), (8.0, 14.0), (14.0, 7.0), (20.0, 3.0))
+BANDWIDTH_SIGMA = 0.35  # log-normal fluctuation of the per-round bandwidth
+
+
+@dataclass(frozen=True)
+class Device:
+    id: int
+    type: str
+    wifi_group: int
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """A device's conditions in one round."""
+    mode: int
+    gflops: float
+    up_mbps: float
+    down_mbps: float
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one device did in one round, in hardware-independent units."""
+    forward_flops: float
+    backward_flops: float
+    bytes_down: int
+    bytes_up: int
+
+
+@dataclass(frozen=True)
+class RoundTime:
+    """Virtual seconds of one device in one round, and the status report it yields."""
+    download_s: float
+    forward_s: float
+    backward_s: float
+    upload_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.download_s + self.forward_s + self.backward_s + self.upload_s
+
+
+def _apportion(n: int, shares: list[int]) -> list[int]:
+    """Largest-remainder split of n into parts proportional to shares (80 -> 30/40/10)."""
+    total = sum(shares)
+    exact = [n * s / total for s in shares]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(shares)), key=lambda i: exact[i] - counts[i], reverse=True)[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class Fleet:
+    """The device fleet of one experiment; a pure function of (size, seed, settings)."""
+
+    def __init__(self, num_devices: int, seed: int, mode_change_every: int = 20,
+                 bandwidth_min_mbps: float = 1.0, bandwidth_max_mbps: float = 30.0,
+                 downlink_factor: float = 4.0):
+        rng = np.random.default_rng([seed, 7001])
+        kinds = list(DEVICE_TYPES)
+        counts = _apportion(num_devices, [DEVICE_TYPES[k].share for k in kinds])
+        types = np.array(sum(([k] * c for k, c in zip(kinds, counts)), []))
+        rng.shuffle(types)
+        groups = np.arange(num_devices) % len(WIFI_GROUPS)
+        rng.shuffle(groups)
+        self.devices = [Device(i, str(types[i]), int(groups[i])) for i in range(num_devices)]
+        self.seed = seed
+        self.mode_change_every = mode_change_every
+        self.bw_range = (bandwidth_min_mbps, bandwidth_max_mbps)
+        self.downlink_factor = downlink_factor
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def state(self, device: int, round_: int) -> DeviceState:
+        d = self.devices[device]
+        modes = DEVICE_TYPES[d.type].mode_gflops
+        epoch = round_ // self.mode_change_every
+        mode = int(np.random.default_rng([self.seed, 1, device, epoch]).integers(len(modes)))
+        mean = WIFI_GROUPS[d.wifi_group][1]
+        noise = np.random.default_rng([self.seed, 2, device, round_]).lognormal(0.0, BANDWIDTH_SIGMA)
+        up = float(np.clip(mean * noise, *self.bw_range))
+        return DeviceState(mode, modes[mode], up, up * self.downlink_factor)
+
+    def time(self, device: int, round_: int, work: Work) -> RoundTime:
+        s = self.state(device, round_)
+        return RoundTime(download_s=work.bytes_down * 8 / (s.down_mbps * 1e6),
+                         forward_s=work.forward_flops / (s.gflops * 1e9),
+                         backward_s=work.backward_flops / (s.gflops * 1e9),
+                         upload_s=work.bytes_up * 8 / (s.up_mbps * 1e6))
+
+    def budgets(self, device: int, round_: int, deadline_s: float | None) -> tuple[float, float]:
+        """(C_i, B_i) of eq. 14-15: FLOPs and upload bytes the device can afford before the deadline."""
+        if deadline_s is None:
+            return float("inf"), float("inf")
+        s = self.state(device, round_)
+        return s.gflops * 1e9 * deadline_s, s.up_mbps * 1e6 / 8 * deadline_s
+
+
+# ------------------------------------------------------------- cost model (FLOPs)
+def layer_forward_flops(spec: ModelSpec, batch: int, width: int) -> float:
+    """Forward FLOPs of one frozen transformer layer: projections, FFN, attention scores and mix."""
+    h, i = spec.hidden, spec.intermediate
+    tokens = batch * width
+    return 2.0 * tokens * (4 * h * h + 2 * h * i) + 4.0 * batch * width * width * h
+
+
+def lora_forward_flops(spec: ModelSpec, layer: int, rank: int, batch: int, width: int) -> float:
+    return 2.0 * batch * width * rank * spec.lora_params_per_rank(layer)
+
+
+def step_work_flops(spec: ModelSpec, ranks: Ranks, trained: set[int], batch: int, width: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one training step.
+
+    Forward runs through all L layers (plus the LoRA of every layer that has one).
+    Backward runs only from the head down to the lowest trained layer: gradients w.r.t.
+    activations cost about one forward of each frozen layer, LoRA weights about two.
+    """
+    head = 2.0 * batch * spec.head_params()
+    fwd = head + sum(layer_forward_flops(spec, batch, width) for _ in range(spec.num_layers))
+    fwd += sum(lora_forward_flops(spec, l, r, batch, width) for l, r in ranks.items())
+    lowest = min(trained) if trained else spec.num_layers
+    bwd = 2.0 * head
+    for l in range(lowest, spec.num_layers):
+        bwd += layer_forward_flops(spec, batch, width)
+        if l in ranks:
+            bwd += 2.0 * lora_forward_flops(spec, l, ranks[l], batch, width)
+    return fwd, bwd
+
+
+def round_work(spec: ModelSpec, ranks: Ranks, batch_shapes: list[tuple[int, int]],
+               bytes_down: int, bytes_up: int) -> Work:
+    """Work of a round of local training made of batches of (batch size, padded width)."""
+    fwd = bwd = 0.0
+    trained = set(ranks)
+    for b, w in batch_shapes:
+        f, g = step_work_flops(spec, ranks, trained, b, w)
+        fwd += f
+        bwd += g
+    return Work(fwd, bwd, bytes_down, bytes_up)

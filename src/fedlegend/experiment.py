@@ -1,0 +1,86 @@
+"""Config -> everything a round loop needs: data, partitions, fleet, model host, method.
+
+Engines (local loop, Flower) take an Experiment; nothing here runs a round.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .assets import resolve_dataset, resolve_model
+from .config import Config
+from .data import Encoded, encode, label_histogram, partition, split_train_test
+from .devices import Fleet
+from .lora import AdapterState, LoraHost, ModelSpec, inspect_model
+from .methods import Method, MethodContext, make_method
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    spec: ModelSpec
+    host: LoraHost
+    method: Method
+    fleet: Fleet
+    train: Encoded
+    test: Encoded
+    parts: list[np.ndarray]
+    label_names: list[str]
+    pad_id: int
+    initial_state: AdapterState
+
+    def device_data(self, device: int) -> Encoded:
+        return self.train.subset(self.parts[device])
+
+    def label_histograms(self) -> list[list[int]]:
+        return [label_histogram(self.train.labels[p], len(self.label_names)) for p in self.parts]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def method_params(cfg: Config) -> dict:
+    section = getattr(cfg.method, cfg.method.name, None)
+    return section.model_dump() if section is not None else {}
+
+
+def build_experiment(cfg: Config) -> Experiment:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    seed = cfg.run.seed
+    asset = resolve_model(cfg.model.name, cfg.model.path, cfg.model.target_modules)
+    ds = resolve_dataset(cfg.data.name, cfg.data.path, cfg.data.text_column, cfg.data.label_column)
+    tokenizer = AutoTokenizer.from_pretrained(asset.path)
+    train_idx, test_idx = split_train_test(ds, cfg.data.test_size)
+    train = encode(tokenizer, [ds.texts[i] for i in train_idx], [ds.labels[i] for i in train_idx], cfg.data.max_length)
+    test = encode(tokenizer, [ds.texts[i] for i in test_idx], [ds.labels[i] for i in test_idx], cfg.data.max_length)
+    if cfg.data.eval_subset:
+        test = test.subset(range(min(cfg.data.eval_subset, len(test))))
+    parts = partition(train.labels, cfg.fleet.devices, cfg.partition.kind, cfg.partition.alpha, seed,
+                      min_size=cfg.train.batch_size)
+    fleet = Fleet(cfg.fleet.devices, seed, cfg.fleet.mode_change_every, cfg.fleet.bandwidth_min_mbps,
+                  cfg.fleet.bandwidth_max_mbps, cfg.fleet.downlink_factor)
+
+    seed_everything(seed)  # fixes the head's and the LoRA tensors' initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(asset.path, num_labels=len(ds.label_names))
+    spec = inspect_model(model, asset.target_modules)
+    lengths = np.array([len(x) for x in train.ids])
+    ctx = MethodContext(spec=spec, num_devices=cfg.fleet.devices,
+                        local_steps=max(1, cfg.train.local_steps), batch_size=cfg.train.batch_size,
+                        nominal_width=int(np.percentile(lengths, 90)))
+    method = make_method(cfg.method.name, ctx, method_params(cfg))
+    host = LoraHost(model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank, cfg.model.lora_dropout)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Experiment(cfg, spec, host, method, fleet, train, test, parts, ds.label_names, pad_id,
+                      host.read(LoraHost.GLOBAL))

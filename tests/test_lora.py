@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedlegend.lora import LoraHost, inspect_model, key_layer, lora_config, lora_key
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(5, 100, (4, 12), generator=g), "labels": torch.tensor([0, 1, 0, 1])}
+
+
+def test_inspect_finds_targets_and_head(tiny_bert):
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    assert spec.num_layers == 4 and spec.hidden == 32
+    assert [(t.layer, t.module) for t in spec.targets_of(2)] == [(2, "attention.self.query"), (2, "attention.self.value")]
+    assert spec.lora_params_per_rank(0) == 2 * (32 + 32)
+    with pytest.raises(ValueError, match="model.target_modules"):
+        inspect_model(tiny_bert, ("nope",))
+
+
+def test_per_layer_ranks_and_canonical_layout(tiny_bert):
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    host = LoraHost(tiny_bert, spec, {0: 1, 1: 2, 2: 3, 3: 4})
+    st = host.read(host.GLOBAL)
+    assert st[lora_key(3, "attention.self.query", "lora_A")].shape == (4, 32)      # (r, d_in)
+    assert st[lora_key(3, "attention.self.query", "lora_B")].shape == (32, 4)      # (d_out, r)
+    assert st[lora_key(0, "attention.self.value", "lora_A")].shape == (1, 32)
+    assert {"head.weight", "head.bias"} <= set(st)
+    assert key_layer("layers.3.attention.self.query.lora_A") == 3 and key_layer("head.weight") is None
+
+
+def test_rank_pattern_first_match_uses_full_names(tiny_bert):
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    cfg = lora_config(spec, {1: 2, 3: 7}, 2.0, 0.0)
+    assert cfg.rank_pattern["bert.encoder.layer.1.attention.self.query"] == 2
+    assert cfg.alpha_pattern["bert.encoder.layer.3.attention.self.value"] == 14.0   # alpha/r = 2 at every rank
+    with pytest.raises(ValueError, match="outside"):
+        lora_config(spec, {9: 2}, 2.0, 0.0)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_backward_stops_at_layer_L_minus_k(tiny_bert, depth):
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    host = LoraHost(tiny_bert, spec, {l: 2 for l in range(4)})
+    name = host.use({l: 2 for l in range(4 - depth, 4)})
+    host.peft.train()
+    host.peft(**_batch()).loss.backward()
+    for pname, p in host.peft.named_parameters():
+        if p.grad is not None:
+            assert p.requires_grad
+    graded = {int(n.split("layer.")[1].split(".")[0]) for n, p in host.peft.named_parameters()
+              if p.grad is not None and ".layer." in n}
+    assert graded == set(range(4 - depth, 4))
+    # no frozen base weight below L-k received a gradient either
+    assert all(p.grad is None for n, p in host.peft.named_parameters() if "lora_" not in n and "classifier" not in n)
+
+
+def test_backward_work_grows_with_depth(tiny_bert):
+    """The step's backward FLOPs (a clock-free stand-in for its time) grow with the depth k."""
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    host = LoraHost(tiny_bert, spec, {l: 2 for l in range(4)})
+    flops = []
+    for depth in (1, 2, 3, 4):
+        host.use({l: 2 for l in range(4 - depth, 4)})
+        loss = host.peft(**_batch()).loss
+        with FlopCounterMode(display=False) as fc:
+            loss.backward()
+        flops.append(fc.get_total_flops())
+    assert all(b > a for a, b in zip(flops, flops[1:])), flops
+
+
+def test_load_read_roundtrip_and_shape_check(tiny_bert):
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    host = LoraHost(tiny_bert, spec, {l: 2 for l in range(4)})
+    name = host.use({3: 2})
+    st = {k: torch.randn_like(v) for k, v in host.read(name).items()}
+    host.load(name, st)
+    assert all(torch.equal(st[k], v) for k, v in host.read(name).items())
+    bad = dict(st)
+    k = next(iter(bad))
+    bad[k] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match="does not fit"):
+        host.load(name, bad)
