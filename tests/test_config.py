@@ -34,3 +34,25 @@ def test_missing_file_and_bad_toml(tmp_path):
     bad.write_text("[run\nrounds=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_default_toml_in_sync():
+    from pathlib import Path
+
+    from fedlegend.config import Config, annotated_defaults
+
+    path = Path(__file__).parent.parent / "configs" / "default.toml"
+    assert path.read_text().strip() == annotated_defaults().strip(), \
+        "regenerate: python -c 'from fedlegend.config import annotated_defaults; print(annotated_defaults())' > configs/default.toml"
+    assert load_config(path) == Config()
+
+
+def test_cli_reports_bad_config(tmp_path, capsys):
+    from fedlegend.cli import main
+
+    bad = tmp_path / "c.toml"
+    bad.write_text("[fleet]\ndevicez = 3\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "fleet.devicez: unknown key" in capsys.readouterr().err
+    assert main(["run", "--method", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err

@@ -36,6 +36,9 @@ def train_local(host: LoraHost, plan: LoraPlan, payload: AdapterState, data: Enc
                 batch_size: int, lr: float, rng: np.random.Generator, pad_id: int,
                 weight_decay: float = 0.0, max_grad_norm: float = 1.0) -> LocalResult:
     """AdamW on the plan's LoRA tensors and the head (eq. 7), starting from the payload."""
+    # Dropout draws from torch's generator: seed it from the device's own stream, so a device's
+    # round is a pure function of its inputs whatever ran before it (or in which process).
+    torch.manual_seed(int(rng.integers(2**62)))
     name = host.use(plan.ranks)
     host.load(name, payload)
     params = list(host.params(name).values())
@@ -43,7 +46,8 @@ def train_local(host: LoraHost, plan: LoraPlan, payload: AdapterState, data: Enc
     model = host.peft
     model.train()
     losses, shapes, seen = [], [], 0
-    for idx in sample_batches(len(data), steps, min(batch_size, len(data)), rng):
+    lengths = [len(x) for x in data.ids]
+    for idx in sample_batches(len(data), steps, min(batch_size, len(data)), rng, lengths):
         batch = collate([data.ids[i] for i in idx], data.labels[idx], pad_id)
         loss = model(**batch).loss
         if not torch.isfinite(loss):

@@ -17,6 +17,7 @@ from .data import Encoded, encode, label_histogram, partition, split_train_test
 from .devices import Fleet
 from .lora import AdapterState, LoraHost, ModelSpec, inspect_model
 from .methods import Method, MethodContext, make_method
+from .models import load_base_model
 
 
 @dataclass
@@ -52,7 +53,7 @@ def method_params(cfg: Config) -> dict:
 
 
 def build_experiment(cfg: Config) -> Experiment:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected
@@ -73,7 +74,7 @@ def build_experiment(cfg: Config) -> Experiment:
                   cfg.fleet.bandwidth_max_mbps, cfg.fleet.downlink_factor)
 
     seed_everything(seed)  # fixes the head's and the LoRA tensors' initialisation
-    model = AutoModelForSequenceClassification.from_pretrained(asset.path, num_labels=len(ds.label_names))
+    model = load_base_model(asset.path, num_labels=len(ds.label_names), dropout=cfg.model.dropout)
     spec = inspect_model(model, asset.target_modules)
     lengths = np.array([len(x) for x in train.ids])
     ctx = MethodContext(spec=spec, num_devices=cfg.fleet.devices,

@@ -101,7 +101,8 @@ def inspect_model(model: torch.nn.Module, target_modules: tuple[str, ...]) -> Mo
     return ModelSpec(num_layers=L, hidden=int(cfg.hidden_size),
                      intermediate=int(getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)),
                      targets=tuple(sorted(targets, key=lambda t: (t.layer, t.module))),
-                     head_module=head, head_shapes=head_shapes, num_labels=int(cfg.num_labels))
+                     head_module=head, head_shapes=head_shapes,
+                     num_labels=int(getattr(model, "num_labels", cfg.num_labels)))
 
 
 def lora_config(spec: ModelSpec, ranks: Ranks, alpha_over_rank: float, dropout: float) -> LoraConfig:
@@ -125,7 +126,7 @@ def lora_config(spec: ModelSpec, ranks: Ranks, alpha_over_rank: float, dropout: 
     first = next(iter(rank_pattern.values()))
     return LoraConfig(r=first, lora_alpha=alpha_over_rank * first, target_modules=names,
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, lora_dropout=dropout,
-                      modules_to_save=[spec.head_module], task_type="SEQ_CLS", bias="none")
+                      modules_to_save=[spec.head_module], bias="none")
 
 
 class LoraHost:

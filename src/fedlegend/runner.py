@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import Config, dump_config
 from .engine.local import run_local
 from .experiment import build_experiment
+from .methods import METHODS
 from .results import RecordWriter, plot_run, summarize
 
 
@@ -20,6 +21,8 @@ def peak_rss_mb() -> float:
 def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     """Run `cfg` on the local engine and write everything into out_dir; returns the summary."""
     start = time.perf_counter()  # wall clock is reported, never used as simulated time
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"unknown method {cfg.method.name!r}; registered methods: {', '.join(sorted(METHODS))}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_config(cfg))

@@ -8,7 +8,7 @@ from .base import DeviceUpdate, Estimate, Estimator, LoraPlan, Method, MethodCon
 from .fedlora import FedLora
 from .legend import Legend
 
-# name -> (class, config section name)
+# name -> class; its parameters come from the config section [method.NAME]
 METHODS: dict[str, Callable[..., Method]] = {
     "legend": Legend,
     "fedlora": FedLora,

@@ -1,0 +1,139 @@
+"""End to end on the real default model and data, kept tiny: 2 devices, 2 rounds, a small test slice."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedlegend.client import LocalTrainingError, evaluate, train_local
+from fedlegend.config import build_config
+from fedlegend.engine.local import run_local, run_round
+from fedlegend.experiment import build_experiment
+from fedlegend.methods.base import Estimator, UpdateRejected, check_update
+
+
+def tiny_cfg(**over):
+    base = {"fleet.devices": 3, "run.rounds": 2, "train.local_steps": 1, "train.batch_size": 4,
+            "data.eval_subset": 48, "run.eval_every": 1, "run.target_accuracy": 0.5}
+    base.update(over)
+    return build_config({}, base)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from fedlegend.runner import run_experiment
+
+    out = tmp_path_factory.mktemp("run")
+    summary = run_experiment(tiny_cfg(), out, progress=False)
+    return out, summary
+
+
+def test_outputs_written(run_dir):
+    out, summary = run_dir
+    for f in ("records.jsonl", "config.toml", "summary.json", "accuracy_traffic.png", "partitions.json",
+              "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (out / f).exists(), f
+    recs = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [1, 2]
+    assert all(r["virtual_time_s"] > 0 and r["bytes_up"] > 0 for r in recs)
+    assert recs[1]["virtual_time_s"] > recs[0]["virtual_time_s"]
+    dev = recs[1]["devices"][0]
+    assert {"id", "depth", "ranks", "time_s", "waiting_s"} <= set(dev)
+    for key in ("method", "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s",
+                "bytes_to_target", "bytes_total", "mean_waiting_s", "virtual_time_s", "wall_clock_s", "peak_rss_mb"):
+        assert key in summary
+    assert json.loads((out / "summary.json").read_text())["final_accuracy"] == summary["final_accuracy"]
+
+
+def test_adapter_reloads_with_peft_and_reproduces_accuracy(run_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlegend.assets import resolve_model
+    from fedlegend.data import encode, eval_batches
+    from fedlegend.experiment import build_experiment
+
+    out, summary = run_dir
+    asset = resolve_model("minilm-l6")
+    base = AutoModelForSequenceClassification.from_pretrained(asset.path, num_labels=2)
+    model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    exp_test = build_experiment(tiny_cfg()).test     # the same 48-example slice
+    correct = 0
+    with torch.no_grad():
+        for batch in eval_batches(exp_test, 16, 0):
+            correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
+    assert correct / len(exp_test) == pytest.approx(summary["final_accuracy"])
+
+
+def test_same_seed_same_records(run_dir, tmp_path):
+    from fedlegend.runner import run_experiment
+
+    out, _ = run_dir
+    run_experiment(tiny_cfg(), tmp_path, progress=False)
+    strip = lambda p: [{k: v for k, v in json.loads(l).items()} for l in p.read_text().splitlines()]
+    assert strip(tmp_path / "records.jsonl") == strip(out / "records.jsonl")
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return build_experiment(tiny_cfg())
+
+
+def test_bad_update_rejected_global_unchanged(exp, monkeypatch):
+    """A device update with NaN, or with a wrong shape, is rejected and recorded; the others aggregate."""
+    import fedlegend.engine.local as local
+
+    real = local.train_local
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        res = real(*a, **k)
+        calls["n"] += 1
+        key = sorted(res.state)[0]
+        if calls["n"] == 1:
+            res.state[key] = torch.full_like(res.state[key], float("nan"))
+        elif calls["n"] == 2:
+            res.state[key] = torch.zeros(3, 3)
+        return res
+
+    monkeypatch.setattr(local, "train_local", poisoned)
+    g = exp.initial_state
+    out = run_round(exp, 1, g, Estimator())
+    kinds = [e["kind"] for e in out.record["events"]]
+    assert kinds == ["rejected", "rejected"]
+    assert "NaN" in out.record["events"][0]["detail"] and "shape" in out.record["events"][1]["detail"]
+    assert len(out.record["devices"]) == 1
+    assert all(torch.isfinite(v).all() for v in out.state.values())
+
+
+def test_all_updates_bad_keeps_global_adapter(exp, monkeypatch):
+    import fedlegend.engine.local as local
+
+    def nan_loss(*a, **k):
+        raise LocalTrainingError("loss became nan at step 1")
+
+    monkeypatch.setattr(local, "train_local", nan_loss)
+    g = exp.initial_state
+    out = run_round(exp, 1, g, Estimator())
+    assert all(torch.equal(out.state[k], g[k]) for k in g)
+    assert {e["kind"] for e in out.record["events"]} == {"rejected"}
+    assert out.record["devices"] == []
+
+
+def test_check_update():
+    sent = {"a": torch.zeros(2, 2)}
+    check_update({"a": torch.ones(2, 2)}, sent)
+    with pytest.raises(UpdateRejected, match="Inf"):
+        check_update({"a": torch.tensor([[1.0, float("inf")], [0, 0]])}, sent)
+    with pytest.raises(UpdateRejected, match="keys differ"):
+        check_update({"b": torch.ones(2, 2)}, sent)
+
+
+def test_nan_loss_raises(exp):
+    plan = exp.method.plan(1, [0], {}, {})[0]
+    payload = exp.method.assign(exp.initial_state, plan)
+    bad = {k: torch.full_like(v, float("nan")) if k.startswith("head") else v for k, v in payload.items()}
+    with pytest.raises(LocalTrainingError, match="loss became nan"):
+        train_local(exp.host, plan, bad, exp.device_data(0), steps=1, batch_size=4, lr=1e-3,
+                    rng=np.random.default_rng(0), pad_id=exp.pad_id)
