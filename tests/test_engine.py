@@ -48,15 +48,13 @@ def test_outputs_written(run_dir):
 
 def test_adapter_reloads_with_peft_and_reproduces_accuracy(run_dir):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from fedlegend.assets import resolve_model
-    from fedlegend.data import encode, eval_batches
-    from fedlegend.experiment import build_experiment
+    from fedlegend.data import eval_batches
+    from fedlegend.models import load_base_model
 
     out, summary = run_dir
     asset = resolve_model("minilm-l6")
-    base = AutoModelForSequenceClassification.from_pretrained(asset.path, num_labels=2)
+    base = load_base_model(asset.path, num_labels=2)
     model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     exp_test = build_experiment(tiny_cfg()).test     # the same 48-example slice
     correct = 0

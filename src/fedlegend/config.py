@@ -102,7 +102,7 @@ class MethodConfig(_Section):
 
 class RunConfig(_Section):
     seed: int = Field(0, ge=0)
-    rounds: int = Field(40, ge=1, le=100000)
+    rounds: int = Field(36, ge=1, le=100000)
     eval_every: int = Field(5, ge=1)
     target_accuracy: float = Field(0.75, gt=0, le=1)
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
