@@ -135,3 +135,12 @@ def test_nan_loss_raises(exp):
     with pytest.raises(LocalTrainingError, match="loss became nan"):
         train_local(exp.host, plan, bad, exp.device_data(0), steps=1, batch_size=4, lr=1e-3,
                     rng=np.random.default_rng(0), pad_id=exp.pad_id)
+
+
+@pytest.mark.parametrize("name", ["fedlora", "hetlora", "flexlora", "hlora", "fedra", "legend-wo-ld", "legend-wo-rd"])
+def test_every_method_runs_two_rounds(name):
+    exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 2}))
+    _, records = run_local(exp, progress=False)
+    assert len(records) == 2 and records[-1]["accuracy"] is not None
+    assert all(not r["events"] for r in records)             # no update rejected
+    assert all(d["samples"] > 0 for r in records for d in r["devices"])

@@ -94,10 +94,34 @@ class FedLoraConfig(_Section):
     weighting: Literal["mean", "samples"] = "samples"
 
 
+class HetLoraConfig(_Section):
+    rank_min: int = Field(2, ge=1, description="rank of the slowest devices")
+    rank_max: int = Field(16, ge=1, description="rank of the fastest device (and of the global adapter)")
+    weighting: Literal["norm", "samples"] = Field("norm", description="norm: the paper's sparsity-weighted average")
+    self_pruning: bool = False
+    prune_threshold: float = Field(0.05, ge=0, lt=1, description="prune when the last ranks carry less than this share")
+    prune_step: int = Field(1, ge=1)
+
+
+class RankRangeConfig(_Section):
+    rank_min: int = Field(2, ge=1)
+    rank_max: int = Field(16, ge=1)
+
+
+class FedRAConfig(_Section):
+    rank: int = Field(8, ge=1)
+    min_layers: int = Field(1, ge=1, description="layers of the slowest device")
+
+
 class MethodConfig(_Section):
-    name: str = Field("legend", description="registered method name")
+    name: str = Field("legend", description="registered method: legend, legend-wo-ld, legend-wo-rd, fedlora, "
+                      "hetlora, flexlora, hlora, fedra")
     legend: LegendConfig = Field(default_factory=LegendConfig)
     fedlora: FedLoraConfig = Field(default_factory=FedLoraConfig)
+    hetlora: HetLoraConfig = Field(default_factory=HetLoraConfig)
+    flexlora: RankRangeConfig = Field(default_factory=RankRangeConfig)
+    hlora: RankRangeConfig = Field(default_factory=RankRangeConfig)
+    fedra: FedRAConfig = Field(default_factory=FedRAConfig)
 
 
 class RunConfig(_Section):

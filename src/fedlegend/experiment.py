@@ -6,6 +6,7 @@ Engines (local loop, Flower) take an Experiment; nothing here runs a round.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,16 +48,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def method_params(cfg: Config) -> dict:
-    section = getattr(cfg.method, cfg.method.name, None)
-    return section.model_dump() if section is not None else {}
-
-
 def build_experiment(cfg: Config) -> Experiment:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected
+    hf_logging.disable_progress_bar()
+    # peft 0.21 calls a transformers helper that transformers 5.23 marks deprecated: not ours to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     seed = cfg.run.seed
@@ -79,8 +78,8 @@ def build_experiment(cfg: Config) -> Experiment:
     lengths = np.array([len(x) for x in train.ids])
     ctx = MethodContext(spec=spec, num_devices=cfg.fleet.devices,
                         local_steps=max(1, cfg.train.local_steps), batch_size=cfg.train.batch_size,
-                        nominal_width=int(np.percentile(lengths, 90)))
-    method = make_method(cfg.method.name, ctx, method_params(cfg))
+                        nominal_width=int(np.percentile(lengths, 90)), seed=seed)
+    method = make_method(cfg.method.name, ctx, cfg.method.model_dump())
     host = LoraHost(model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank, cfg.model.lora_dropout)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Experiment(cfg, spec, host, method, fleet, train, test, parts, ds.label_names, pad_id,

@@ -91,6 +91,7 @@ class MethodContext:
     local_steps: int
     batch_size: int
     nominal_width: int   # typical padded sequence length, for FLOP budgets
+    seed: int = 0        # for methods that draw at random (FedRA)
 
 
 class UpdateRejected(ValueError):

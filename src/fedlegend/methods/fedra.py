@@ -1,0 +1,43 @@
+"""FedRA: a random allocation of layers to each device every round.
+
+Su, Zhang, Wang, et al. "FedRA: A Random Allocation Strategy for Federated Tuning to
+Unleash the Power of Heterogeneous Clients" (ECCV 2024). Each round every device gets a
+random subset of the layers, as many as its capacity allows (its depth from estimated speed,
+the fastest device training all L layers); the server averages each layer over the devices
+that trained it (the same layer-wise rule as LEGEND's eq. 17). The random draw comes from
+(seed, round), so runs repeat.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..lora import Ranks
+from .base import LoraPlan, Method, MethodContext, layerwise_average
+from .lowrank import rank_by_capacity
+
+
+class FedRA(Method):
+    name = "fedra"
+
+    def __init__(self, ctx: MethodContext, rank: int = 8, min_layers: int = 1):
+        super().__init__(ctx)
+        if not 1 <= min_layers <= self.L:
+            raise ValueError(f"fedra min_layers={min_layers} must be within 1..{self.L}")
+        self.rank, self.min_layers, self.seed = rank, min_layers, ctx.seed
+
+    def global_ranks(self) -> Ranks:
+        return {l: self.rank for l in range(self.L)}
+
+    def plan(self, round_, devices, estimates, budgets):
+        # capacity -> number of layers, using the same speed ranking as the rank-based methods
+        counts = rank_by_capacity(devices, estimates, self.L, self.min_layers, self.L)
+        plans = {}
+        for i in devices:
+            rng = np.random.default_rng([self.seed, 11, round_, i])
+            layers = sorted(rng.choice(self.L, size=counts[i], replace=False).tolist())
+            plans[i] = LoraPlan(i, {l: self.rank for l in layers})
+        return plans
+
+    def aggregate(self, global_state, updates):
+        return layerwise_average(global_state, updates, "samples")
