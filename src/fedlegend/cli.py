@@ -1,4 +1,4 @@
-"""Command line: `fedlegend run` (one method on the local engine)."""
+"""Command line: `fedlegend run` (one method) and `fedlegend compare` (several, same fleet and seeds)."""
 
 from __future__ import annotations
 
@@ -54,14 +54,37 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import run_compare
+    from .methods import METHODS
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; registered methods: {', '.join(sorted(METHODS))}")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    cfg = load_config(a.config, _overrides(a))
+    print(f"fedlegend compare: {', '.join(methods)} x seeds {seeds} -> {a.out}", file=sys.stderr)
+    run_compare(cfg, methods, seeds, a.out, target=a.target, progress=not a.quiet)
+    print(f"outputs in {a.out}/: summary.csv table.md fig7/8/11/12(/13) PNGs, one folder per run")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlegend", description="Federated LoRA fine-tuning on heterogeneous devices")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one method on the simulated fleet")
-    run.add_argument("--method", help="registered method: legend (default), fedlora")
+    run.add_argument("--method", help="registered method: legend (default), fedlora, hetlora, flexlora, hlora, "
+                     "fedra, legend-wo-ld, legend-wo-rd")
     run.add_argument("--out", help="output folder (default runs/METHOD-seedSEED)")
     _add_common(run)
     run.set_defaults(func=cmd_run)
+    cmp_ = sub.add_parser("compare", help="run several methods on the same partitions, seeds and fleet")
+    cmp_.add_argument("--methods", default="legend,fedlora,hetlora", help="comma-separated registered methods")
+    cmp_.add_argument("--seeds", default="0", help="comma-separated seeds")
+    cmp_.add_argument("--out", default="runs/compare", help="output folder")
+    _add_common(cmp_)
+    cmp_.set_defaults(func=cmd_compare)
     a = parser.parse_args(argv)
     try:
         return a.func(a)
