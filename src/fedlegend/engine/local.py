@@ -3,6 +3,9 @@
 Round h: plan -> assign -> local training -> status reports -> aggregate; the round lasts
 as long as its slowest device (virtual seconds from the fleet's cost model), and every
 other device waits for it.
+
+The round is split into a server side (`plan_round`, `finish_round`) and a device side
+(`run_device`) so that the Flower engine runs exactly the same code across messages.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..client import LocalTrainingError, evaluate, local_steps_for, train_local
+from ..client import LocalResult, LocalTrainingError, evaluate, local_steps_for, train_local
 from ..devices import RoundTime, round_work
 from ..experiment import Experiment
 from ..lora import AdapterState, state_bytes
-from ..methods.base import DeviceUpdate, Estimator, StatusReport, UpdateRejected, check_update
+from ..methods.base import DeviceUpdate, Estimator, LoraPlan, StatusReport, UpdateRejected, check_update
 
 
 def lr_at(round_: int, rounds: int, lr: float, schedule: str) -> float:
@@ -34,6 +37,47 @@ def status_report(device: int, rt: RoundTime, depth: int, rank_sum: int, samples
                         upload_per_rank_s=rt.upload_s / max(rank_sum, 1), samples=samples)
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """What the server sends one device in one round."""
+    round: int
+    plan: LoraPlan
+    payload: AdapterState
+    steps: int
+    lr: float
+
+    @property
+    def device(self) -> int:
+        return self.plan.device
+
+
+@dataclass
+class RoundPlan:
+    """The server's side of a round before any device runs: who trains what."""
+    round: int
+    lr: float
+    devices: list[int]
+    assignments: dict[int, Assignment]
+    skipped: dict[int, str]  # device -> why it got no plan
+
+
+@dataclass(frozen=True)
+class DeviceResult:
+    """What a device returns: its trained tensors and its virtual time and status report."""
+    device: int
+    local: LocalResult
+    time: RoundTime
+    report: StatusReport
+
+
+@dataclass(frozen=True)
+class DeviceFailure:
+    """A device that returned no usable update; `kind` goes into the round's events."""
+    device: int
+    kind: str
+    detail: str
+
+
 @dataclass
 class RoundOutcome:
     state: AdapterState
@@ -41,57 +85,113 @@ class RoundOutcome:
     reports: list[StatusReport] = field(default_factory=list)
 
 
-def run_round(exp: Experiment, round_: int, global_state: AdapterState, estimator: Estimator) -> RoundOutcome:
+# ------------------------------------------------------------------ server side
+def plan_round(exp: Experiment, round_: int, global_state: AdapterState, estimator: Estimator) -> RoundPlan:
+    """Plan every device and cut its payload from the global adapter (no training here)."""
     cfg, method, fleet = exp.cfg, exp.method, exp.fleet
     devices = list(range(len(fleet)))
     budgets = {i: fleet.budgets(i, round_, cfg.fleet.round_deadline_s) for i in devices}
     plans = method.plan(round_, devices, dict(estimator.estimates), budgets)
     lr = lr_at(round_, cfg.run.rounds, cfg.train.lr, cfg.train.schedule)
-    updates, reports, rows, events, losses = [], [], [], [], []
-    bytes_down = bytes_up = 0
+    assignments, skipped = {}, {}
     for dev in devices:
         plan = plans.get(dev)
         if plan is None:
-            events.append({"device": dev, "kind": "skipped", "detail": "no feasible plan this round"})
+            skipped[dev] = "no feasible plan this round"
             continue
-        payload = method.assign(global_state, plan)
-        data = exp.device_data(dev)
-        steps = local_steps_for(len(data), cfg.train.batch_size, cfg.train.local_steps, cfg.train.local_epochs)
-        rng = np.random.default_rng([cfg.run.seed, 3, dev, round_])
-        down = state_bytes(payload)
+        steps = local_steps_for(len(exp.parts[dev]), cfg.train.batch_size, cfg.train.local_steps,
+                                cfg.train.local_epochs)
+        assignments[dev] = Assignment(round_, plan, method.assign(global_state, plan), steps, lr)
+    return RoundPlan(round_, lr, devices, assignments, skipped)
+
+
+def device_row(plan: LoraPlan, res: DeviceResult) -> dict:
+    rt = res.time
+    return {"id": plan.device, "depth": plan.depth, "layers": plan.layers,
+            "ranks": [plan.ranks[l] for l in plan.layers], "time_s": rt.total_s,
+            "compute_s": rt.forward_s + rt.backward_s, "comm_s": rt.download_s + rt.upload_s,
+            "samples": res.local.samples, "loss": res.local.loss}
+
+
+def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, estimator: Estimator,
+                 replies: dict[int, DeviceResult | DeviceFailure], extra_events: list[dict] | None = None) -> RoundOutcome:
+    """Validate each device's reply against what it was sent, aggregate, update the estimates.
+
+    A device with an assignment but no reply is recorded as dropped; the round completes
+    with what arrived, and with no accepted update the global adapter is kept as it was.
+    """
+    updates, reports, rows, events, losses = [], [], [], [], []
+    bytes_down = bytes_up = 0
+    for dev in rp.devices:
+        if dev in rp.skipped:
+            events.append({"device": dev, "kind": "skipped", "detail": rp.skipped[dev]})
+            continue
+        a = rp.assignments[dev]
+        down = state_bytes(a.payload)
+        bytes_down += down  # the payload was sent whatever came back
+        reply = replies.get(dev)
+        if reply is None:
+            events.append({"device": dev, "kind": "dropped", "detail": "no reply this round"})
+            continue
+        if isinstance(reply, DeviceFailure):
+            events.append({"device": dev, "kind": reply.kind, "detail": reply.detail})
+            continue
         try:
-            res = train_local(exp.host, plan, payload, data, steps=steps, batch_size=cfg.train.batch_size, lr=lr,
-                              rng=rng, pad_id=exp.pad_id, weight_decay=cfg.train.weight_decay,
-                              max_grad_norm=cfg.train.max_grad_norm)
-            check_update(res.state, payload)
-        except (LocalTrainingError, UpdateRejected) as err:
+            check_update(reply.local.state, a.payload)
+        except UpdateRejected as err:
             events.append({"device": dev, "kind": "rejected", "detail": str(err)})
-            bytes_down += down
             continue
-        up = state_bytes(res.state)
-        rt = fleet.time(dev, round_, round_work(exp.spec, plan.ranks, res.batch_shapes, down, up))
-        rank_sum = sum(plan.ranks.values())
-        reports.append(status_report(dev, rt, plan.depth, rank_sum, res.samples))
-        updates.append(DeviceUpdate(dev, res.state, res.samples))
-        losses.append(res.loss)
-        bytes_down += down
-        bytes_up += up
-        rows.append({"id": dev, "depth": plan.depth, "layers": plan.layers,
-                     "ranks": [plan.ranks[l] for l in plan.layers], "time_s": rt.total_s,
-                     "compute_s": rt.forward_s + rt.backward_s, "comm_s": rt.download_s + rt.upload_s,
-                     "samples": res.samples, "loss": res.loss})
-    new_state = method.aggregate(global_state, updates) if updates else global_state
+        reports.append(reply.report)
+        updates.append(DeviceUpdate(dev, reply.local.state, reply.local.samples))
+        losses.append(reply.local.loss)
+        bytes_up += state_bytes(reply.local.state)
+        rows.append(device_row(a.plan, reply))
+    events.extend(extra_events or [])
+    new_state = exp.method.aggregate(global_state, updates) if updates else global_state
     for r in reports:
         estimator.observe(r)
     round_time = max((r["time_s"] for r in rows), default=0.0)
     for r in rows:
         r["waiting_s"] = round_time - r["time_s"]
-    record = {"round": round_, "round_time_s": round_time,
+    record = {"round": rp.round, "round_time_s": round_time,
               "mean_waiting_s": float(np.mean([r["waiting_s"] for r in rows])) if rows else 0.0,
-              "bytes_down": bytes_down, "bytes_up": bytes_up, "lr": lr,
+              "bytes_down": bytes_down, "bytes_up": bytes_up, "lr": rp.lr,
               "train_loss": float(np.mean(losses)) if losses else None,
               "devices": rows, "events": events}
     return RoundOutcome(new_state, record, reports)
+
+
+# ------------------------------------------------------------------ device side
+def run_device(exp: Experiment, a: Assignment) -> DeviceResult | DeviceFailure:
+    """Local training of one assignment plus the fleet's cost model: virtual time and status report."""
+    cfg, dev = exp.cfg, a.device
+    rng = np.random.default_rng([cfg.run.seed, 3, dev, a.round])  # the device's own stream, engine-independent
+    try:
+        res = train_local(exp.host, a.plan, a.payload, exp.device_data(dev), steps=a.steps,
+                          batch_size=cfg.train.batch_size, lr=a.lr, rng=rng, pad_id=exp.pad_id,
+                          weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
+    except LocalTrainingError as err:
+        return DeviceFailure(dev, "rejected", str(err))
+    down, up = state_bytes(a.payload), state_bytes(res.state)
+    rt = exp.fleet.time(dev, a.round, round_work(exp.spec, a.plan.ranks, res.batch_shapes, down, up))
+    report = status_report(dev, rt, a.plan.depth, sum(a.plan.ranks.values()), res.samples)
+    return DeviceResult(dev, res, rt, report)
+
+
+# ------------------------------------------------------------------ the local loop
+def run_round(exp: Experiment, round_: int, global_state: AdapterState, estimator: Estimator) -> RoundOutcome:
+    rp = plan_round(exp, round_, global_state, estimator)
+    replies = {dev: run_device(exp, a) for dev, a in rp.assignments.items()}
+    return finish_round(exp, rp, global_state, estimator, replies)
+
+
+def record_round(exp: Experiment, round_: int, clock: float, state: AdapterState, out: RoundOutcome) -> dict:
+    """The round's record on the virtual clock; evaluates every `eval_every` rounds and at the last."""
+    cfg = exp.cfg
+    rec = {"round": round_, "virtual_time_s": clock, "accuracy": None, "loss": None, **out.record}
+    if round_ % cfg.run.eval_every == 0 or round_ == cfg.run.rounds:
+        rec["accuracy"], rec["loss"] = evaluate(exp.host, state, exp.test, cfg.train.eval_batch_size, exp.pad_id)
+    return rec
 
 
 def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
@@ -109,9 +209,8 @@ def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
         out = run_round(exp, h, state, estimator)
         state = out.state
         clock += out.record["round_time_s"]
-        rec = {"round": h, "virtual_time_s": clock, "accuracy": None, "loss": None, **out.record}
-        if h % cfg.run.eval_every == 0 or h == cfg.run.rounds:
-            rec["accuracy"], rec["loss"] = evaluate(exp.host, state, exp.test, cfg.train.eval_batch_size, exp.pad_id)
+        rec = record_round(exp, h, clock, state, out)
+        if rec["accuracy"] is not None:
             bar.set_postfix(acc=f"{rec['accuracy']:.3f}", vtime=f"{clock:.0f}s")
         records.append(rec)
         if on_record:
