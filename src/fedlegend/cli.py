@@ -27,6 +27,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", help="a local Hugging Face model folder")
     p.add_argument("--data", help="rotten-tomatoes (default) or file (with --data-path)")
     p.add_argument("--data-path", help="a CSV or JSONL file with text and label columns")
+    p.add_argument("--engine", choices=["local", "flower"], help="local loop (default) or Flower's simulation engine")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -37,6 +38,7 @@ def _overrides(a: argparse.Namespace) -> dict:
         "run.eval_every": a.eval_every, "run.target_accuracy": a.target, "partition.alpha": a.alpha,
         "partition.kind": "iid" if a.iid else None, "model.name": a.model, "model.path": a.model_path,
         "data.name": a.data, "data.path": a.data_path, "method.name": getattr(a, "method", None),
+        "run.engine": a.engine,
     }
 
 
@@ -47,7 +49,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, _overrides(a))
     out = a.out or f"runs/{cfg.method.name}-seed{cfg.run.seed}"
     print(f"fedlegend run: {cfg.method.name} on {cfg.model.name} / {cfg.data.name}, {cfg.fleet.devices} devices, "
-          f"{cfg.run.rounds} rounds -> {out}", file=sys.stderr)
+          f"{cfg.run.rounds} rounds, {cfg.run.engine} engine -> {out}", file=sys.stderr)
     summary = run_experiment(cfg, out, progress=not a.quiet)
     print(format_summary(summary))
     print(f"outputs in {out}/: records.jsonl summary.json config.toml accuracy_traffic.png adapter/")

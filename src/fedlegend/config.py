@@ -130,6 +130,8 @@ class RunConfig(_Section):
     eval_every: int = Field(5, ge=1)
     target_accuracy: float = Field(0.75, gt=0, le=1)
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+    engine: Literal["local", "flower"] = Field("local", description="local: in-process loop; flower: Flower's "
+                                               "simulation engine, one SuperNode per device (same records)")
 
 
 class Config(_Section):

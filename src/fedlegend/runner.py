@@ -18,8 +18,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # ru_maxrss is KiB on Linux
 
 
+def engine_for(name: str):
+    """The round loop of `run.engine`; Flower is imported only when asked for."""
+    if name == "flower":
+        from .engine.flower import run_flower
+        return run_flower
+    return run_local
+
+
 def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run `cfg` on the local engine and write everything into out_dir; returns the summary."""
+    """Run `cfg` on its engine (`run.engine`) and write everything into out_dir; returns the summary."""
     start = time.perf_counter()  # wall clock is reported, never used as simulated time
     if cfg.method.name not in METHODS:
         raise ValueError(f"unknown method {cfg.method.name!r}; registered methods: {', '.join(sorted(METHODS))}")
@@ -34,7 +42,7 @@ def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True) -> d
     }, indent=1))
     writer = RecordWriter(out / "records.jsonl")
     try:
-        state, records = run_local(exp, on_record=writer, progress=progress)
+        state, records = engine_for(cfg.run.engine)(exp, on_record=writer, progress=progress)
     finally:
         writer.close()
     exp.host.save_pretrained(out / "adapter", state)
