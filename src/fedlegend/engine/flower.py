@@ -409,17 +409,27 @@ def make_server_app(strategy: MethodStrategy, round_timeout_s: float = 3600.0) -
 
 
 # ------------------------------------------------------------------ simulation
-def run_flower(exp: Experiment, on_record: Callable[[dict], None] | None = None, progress: bool = True,
-               cpus_per_client: float = 1.0, round_timeout_s: float = 3600.0) -> tuple[AdapterState, list[dict]]:
-    """All rounds on Flower's simulation engine (Ray), one SuperNode per device.
-
-    Returns the final global adapter and the records, like engine.local.run_local.
-    """
+def simulate(strategy: MethodStrategy, cpus_per_client: float = 1.0, round_timeout_s: float = 3600.0) -> None:
+    """Run `strategy` on Flower's simulation engine (Ray), one SuperNode per device."""
     from flwr.simulation import run_simulation
-    from tqdm.auto import tqdm
 
     # Flower's telemetry phones home by default; an offline research harness should not
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"include_dashboard": False}}
+    run_simulation(make_server_app(strategy, round_timeout_s), make_client_app(),
+                   num_supernodes=len(strategy.exp.fleet), backend_config=backend)
+    if len(strategy.records) != strategy.exp.cfg.run.rounds:
+        raise RuntimeError(f"the Flower run stopped after {len(strategy.records)} of {strategy.exp.cfg.run.rounds} "
+                           "rounds; see Flower's log above")
+
+
+def run_flower(exp: Experiment, on_record: Callable[[dict], None] | None = None, progress: bool = True,
+               cpus_per_client: float = 1.0, round_timeout_s: float = 3600.0) -> tuple[AdapterState, list[dict]]:
+    """All rounds on Flower's simulation engine; returns the final global adapter and the records,
+    like engine.local.run_local."""
+    from tqdm.auto import tqdm
+
     bar = tqdm(total=exp.cfg.run.rounds, desc=f"{exp.method.name} (flower)", unit="round", disable=not progress)
 
     def emit(rec: dict) -> None:
@@ -430,14 +440,8 @@ def run_flower(exp: Experiment, on_record: Callable[[dict], None] | None = None,
             on_record(rec)
 
     strategy = MethodStrategy(exp, emit)
-    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-               "init_args": {"include_dashboard": False}}
     try:
-        run_simulation(make_server_app(strategy, round_timeout_s), make_client_app(),
-                       num_supernodes=len(exp.fleet), backend_config=backend)
+        simulate(strategy, cpus_per_client, round_timeout_s)
     finally:
         bar.close()
-    if len(strategy.records) != exp.cfg.run.rounds:
-        raise RuntimeError(f"the Flower run stopped after {len(strategy.records)} of {exp.cfg.run.rounds} rounds; "
-                           "see Flower's log above")
     return strategy.state, strategy.records
