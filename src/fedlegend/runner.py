@@ -26,8 +26,9 @@ def engine_for(name: str):
     return run_local
 
 
-def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run `cfg` on its engine (`run.engine`) and write everything into out_dir; returns the summary."""
+def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True, engine=None) -> dict:
+    """Run `cfg` on its engine (`run.engine`, or `engine(exp, on_record, progress)` when given, e.g. a
+    deployed Flower grid) and write everything into out_dir; returns the summary."""
     start = time.perf_counter()  # wall clock is reported, never used as simulated time
     if cfg.method.name not in METHODS:
         raise ValueError(f"unknown method {cfg.method.name!r}; registered methods: {', '.join(sorted(METHODS))}")
@@ -42,7 +43,7 @@ def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True) -> d
     }, indent=1))
     writer = RecordWriter(out / "records.jsonl")
     try:
-        state, records = engine_for(cfg.run.engine)(exp, on_record=writer, progress=progress)
+        state, records = (engine or engine_for(cfg.run.engine))(exp, on_record=writer, progress=progress)
     finally:
         writer.close()
     exp.host.save_pretrained(out / "adapter", state)

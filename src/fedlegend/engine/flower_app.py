@@ -1,0 +1,41 @@
+"""ServerApp and ClientApp objects for Flower's Deployment Runtime (`flwr run`).
+
+`deploy/flower-app/pyproject.toml` points Flower at `server_app` and `client_app` here.
+The ServerApp runs a whole experiment through runner.run_experiment, so a deployed run
+writes the same records.jsonl, summary.json, plot and adapter/ as `fedlegend run`.
+Run config keys (pyproject [tool.flwr.app.config], or `flwr run --run-config`):
+  config      a fedlegend TOML file on the SuperLink's machine ("" = defaults)
+  out         the output folder on the SuperLink's machine
+  round-timeout-s  seconds to wait for a round's replies before counting a device as dropped
+Each SuperNode plays the device named by its node config: --node-config 'device-id=N'.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import load_config
+from .flower import MethodStrategy, make_client_app
+
+client_app = make_client_app()
+server_app = ServerApp()
+
+
+def run_on_grid(grid: Grid, round_timeout_s: float):
+    """An engine function for runner.run_experiment: the rounds over `grid`'s SuperNodes."""
+    def engine(exp, on_record=None, progress=False):
+        strategy = MethodStrategy(exp, on_record)
+        strategy.run(grid, round_timeout_s)
+        return strategy.state, strategy.records
+    return engine
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    from ..runner import run_experiment
+
+    rc = context.run_config
+    cfg = load_config(str(rc["config"]) if rc.get("config") else None, {"run.engine": "flower"})
+    run_experiment(cfg, str(rc.get("out", "runs/flower-deploy")), progress=False,
+                   engine=run_on_grid(grid, float(rc.get("round-timeout-s", 600.0))))
