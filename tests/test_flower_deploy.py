@@ -1,6 +1,6 @@
 """Flower's Deployment Runtime on localhost: SuperLink + 3 SuperNodes, `flwr run`, 2 rounds.
 
-Opt-in (about 3-4 minutes on 2 cores: each message starts a ClientApp process that loads
+Opt-in (about 3 minutes per variant on 2 cores: each message starts a ClientApp process that loads
 the model): FEDLEGEND_DEPLOY_TEST=1 python -m pytest tests/test_flower_deploy.py
 """
 
@@ -18,11 +18,17 @@ TINY = "[fleet]\ndevices = 3\n[run]\nrounds = 2\neval_every = 1\n[train]\nlocal_
        "[data]\neval_subset = 32\n"
 
 
-def test_slow_deployed_federation_runs_two_rounds(tmp_path):
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
+def test_slow_deployed_federation_runs_two_rounds(tmp_path, tls):
+    from fedlegend.certs import write_certs
+
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY)
     out = tmp_path / "out"
-    fed = LocalFederation(tmp_path, free_port())
+    certs = tmp_path / "certs" if tls else None
+    if certs:
+        write_certs(certs)
+    fed = LocalFederation(tmp_path, free_port(), certs)
     try:
         fed.start(devices=3)
         assert len(fed.pids) == 4 and all(p.poll() is None for p in fed.procs.values())

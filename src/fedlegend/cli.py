@@ -72,6 +72,16 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(a: argparse.Namespace) -> int:
+    from .certs import write_certs
+
+    files = write_certs(a.dir, [h.strip() for h in a.hosts.split(",") if h.strip()], a.days)
+    print(f"wrote {', '.join(str(p) for p in files.values())}")
+    print(f"flower-superlink --ssl-ca-certfile {files['ca.crt']} --ssl-certfile {files['server.pem']} "
+          f"--ssl-keyfile {files['server.key']};  flower-supernode --root-certificates {files['ca.crt']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlegend", description="Federated LoRA fine-tuning on heterogeneous devices")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--out", default="runs/compare", help="output folder")
     _add_common(cmp_)
     cmp_.set_defaults(func=cmd_compare)
+    certs = sub.add_parser("certs", help="TLS certificates for a Flower federation (a private CA + SuperLink cert)")
+    certs.add_argument("dir", help="output folder (must not hold a ca.key yet)")
+    certs.add_argument("--hosts", default="localhost,127.0.0.1,::1", help="comma-separated SuperLink names/IPs")
+    certs.add_argument("--days", type=int, default=365)
+    certs.set_defaults(func=cmd_certs)
     a = parser.parse_args(argv)
     try:
         return a.func(a)
-    except (ConfigError, AssetError, DataError, ValueError) as err:
+    except (ConfigError, AssetError, DataError, ValueError, FileExistsError) as err:
         print(f"fedlegend: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,25 @@
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedlegend.certs import write_certs
+from fedlegend.cli import main
+
+
+def test_server_cert_signed_by_ca_with_hosts(tmp_path):
+    files = write_certs(tmp_path, ["localhost", "127.0.0.1", "link.example"])
+    ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())
+    srv = x509.load_pem_x509_certificate(files["server.pem"].read_bytes())
+    srv.verify_directly_issued_by(ca)
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "link.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert (files["ca.key"].stat().st_mode & 0o777) == 0o600 and (files["server.key"].stat().st_mode & 0o777) == 0o600
+    assert isinstance(srv.public_key(), ec.EllipticCurvePublicKey)
+
+
+def test_certs_command_refuses_to_overwrite(tmp_path, capsys):
+    assert main(["certs", str(tmp_path / "c")]) == 0
+    assert main(["certs", str(tmp_path / "c")]) == 2
+    assert "ca.key exists" in capsys.readouterr().err
