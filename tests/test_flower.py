@@ -7,7 +7,6 @@ test_slow_flower_simulation_matches_local_engine starts Ray and one SuperNode pe
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 
