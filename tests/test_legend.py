@@ -98,6 +98,7 @@ def test_lcd_fill_idle_deepens_device_with_slack():
     fill = lcd(costs, 4, fill_idle=True)
     t_round = max(costs[i].time[no_fill[i]] for i in costs)
     assert all(fill[i] >= no_fill[i] for i in costs)
+    assert no_fill[1] == 3 and fill[1] == 4                 # device 1 had 2.5 s of slack: one more layer
     assert max(costs[i].time[fill[i]] for i in costs) == pytest.approx(t_round)   # round not longer
 
 
