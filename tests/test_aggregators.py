@@ -122,3 +122,18 @@ def test_tail_energy_and_capacity_ranks():
     assert tail_energy({p + ".lora_A": a, p + ".lora_B": b}, 1) == pytest.approx(0.0)
     est = {0: Estimate(1.0, 1.0, 0.0), 1: Estimate(10.0, 10.0, 0.0)}
     assert rank_by_capacity([0, 1, 2], est, 4, 2, 16) == {0: 16, 1: 2, 2: 16}   # 10x slower -> 1.6 -> r_min
+
+
+def test_ffa_lora_mean_of_b_is_exact_with_shared_a():
+    """FFA-LoRA: with A frozen and shared, mean_i(B_i) A == mean_i(B_i A)."""
+    from fedlegend.methods.base import LoraPlan, trained_part
+
+    a = rand(3, 6, seed=1)
+    bs = [rand(5, 3, seed=s) for s in (2, 3, 4)]
+    g = {"layers.0.q.lora_A": a, "layers.0.q.lora_B": torch.zeros(5, 3, dtype=torch.float64)}
+    ups = [DeviceUpdate(i, {"layers.0.q.lora_B": b}, 1) for i, b in enumerate(bs)]
+    new = layerwise_average(g, ups, "mean")
+    assert torch.equal(new["layers.0.q.lora_A"], a)
+    assert torch.allclose(new["layers.0.q.lora_B"] @ new["layers.0.q.lora_A"], sum(b @ a for b in bs) / 3)
+    plan = LoraPlan(0, {0: 3}, {"frozen": ("lora_A",)})
+    assert set(trained_part(g, plan)) == {"layers.0.q.lora_B"}

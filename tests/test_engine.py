@@ -137,10 +137,20 @@ def test_nan_loss_raises(exp):
                     rng=np.random.default_rng(0), pad_id=exp.pad_id)
 
 
-@pytest.mark.parametrize("name", ["fedlora", "hetlora", "flexlora", "hlora", "fedra", "legend-wo-ld", "legend-wo-rd"])
+@pytest.mark.parametrize("name", ["fedlora", "hetlora", "flexlora", "hlora", "fedra", "ffa-lora", "legend-wo-ld", "legend-wo-rd"])
 def test_every_method_runs_two_rounds(name):
     exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 2}))
     _, records = run_local(exp, progress=False)
     assert len(records) == 2 and records[-1]["accuracy"] is not None
     assert all(not r["events"] for r in records)             # no update rejected
     assert all(d["samples"] > 0 for r in records for d in r["devices"])
+
+
+def test_ffa_lora_trains_only_b_and_uploads_less():
+    exp = build_experiment(tiny_cfg(**{"method.name": "ffa-lora", "fleet.devices": 2}))
+    g = exp.initial_state
+    out = run_round(exp, 1, g, Estimator())
+    a_keys = [k for k in g if k.endswith("lora_A")]
+    assert a_keys and all(torch.equal(out.state[k], g[k]) for k in a_keys)           # A frozen
+    assert any(not torch.equal(out.state[k], g[k]) for k in g if k.endswith("lora_B"))
+    assert out.record["bytes_up"] < out.record["bytes_down"]                            # B + head only

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one method on the simulated fleet")
     run.add_argument("--method", help="registered method: legend (default), fedlora, hetlora, flexlora, hlora, "
-                     "fedra, legend-wo-ld, legend-wo-rd")
+                     "fedra, ffa-lora, legend-wo-ld, legend-wo-rd")
     run.add_argument("--out", help="output folder (default runs/METHOD-seedSEED)")
     _add_common(run)
     run.set_defaults(func=cmd_run)

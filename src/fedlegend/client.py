@@ -10,7 +10,7 @@ import torch
 
 from .data import Encoded, collate, eval_batches, sample_batches
 from .lora import AdapterState, LoraHost
-from .methods.base import LoraPlan
+from .methods.base import LoraPlan, trained_part
 
 
 class LocalTrainingError(RuntimeError):
@@ -41,7 +41,10 @@ def train_local(host: LoraHost, plan: LoraPlan, payload: AdapterState, data: Enc
     torch.manual_seed(int(rng.integers(2**62)))
     name = host.use(plan.ranks)
     host.load(name, payload)
-    params = list(host.params(name).values())
+    trained = set(trained_part(host.params(name), plan))   # a plan may freeze some tensors (FFA-LoRA: A)
+    for k, p in host.params(name).items():
+        p.requires_grad_(k in trained)
+    params = [p for k, p in host.params(name).items() if k in trained]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model = host.peft
     model.train()
@@ -60,7 +63,7 @@ def train_local(host: LoraHost, plan: LoraPlan, payload: AdapterState, data: Enc
         losses.append(loss.item())
         shapes.append(tuple(batch["input_ids"].shape))
         seen += len(idx)
-    return LocalResult(host.read(name), seen, float(np.mean(losses)), shapes)
+    return LocalResult(trained_part(host.read(name), plan), seen, float(np.mean(losses)), shapes)
 
 
 @torch.no_grad()

@@ -115,7 +115,7 @@ class FedRAConfig(_Section):
 
 class MethodConfig(_Section):
     name: str = Field("legend", description="registered method: legend, legend-wo-ld, legend-wo-rd, fedlora, "
-                      "hetlora, flexlora, hlora, fedra")
+                      "hetlora, flexlora, hlora, fedra, ffa-lora (uses [method.fedlora])")
     legend: LegendConfig = Field(default_factory=LegendConfig)
     fedlora: FedLoraConfig = Field(default_factory=FedLoraConfig)
     hetlora: HetLoraConfig = Field(default_factory=HetLoraConfig)

@@ -74,6 +74,7 @@ def assignment_to_content(a: Assignment, config_toml: str) -> RecordDict:
     """What one device receives: its adapter slice, its plan, and the experiment's config."""
     plan = ConfigRecord({DEVICE_ID_KEY: a.device, "round": a.round, "layers": a.plan.layers,
                          "ranks": [a.plan.ranks[l] for l in a.plan.layers], "lr": float(a.lr), "steps": a.steps,
+                         "frozen": ",".join(a.plan.extras.get("frozen", ())),   # e.g. FFA-LoRA's lora_A
                          "config": config_toml, "config-hash": config_hash(config_toml)})
     return RecordDict({"payload": state_to_record(a.payload), "plan": plan})
 
@@ -104,7 +105,8 @@ def content_to_assignment(content: RecordDict) -> tuple[Assignment, str]:
     if _get(plan, "config-hash", str, "plan") != config_hash(config_toml):
         raise MalformedMessage("plan's config does not match its hash")
     dev = _get(plan, DEVICE_ID_KEY, int, "plan")
-    lora = LoraPlan(dev, {int(l): int(r) for l, r in zip(layers, ranks)})
+    frozen = tuple(p for p in str(plan.get("frozen", "")).split(",") if p)
+    lora = LoraPlan(dev, {int(l): int(r) for l, r in zip(layers, ranks)}, {"frozen": frozen} if frozen else {})
     payload = record_to_state(_record(content, "payload", ArrayRecord))
     a = Assignment(_get(plan, "round", int, "plan"), lora, payload, _get(plan, "steps", int, "plan"),
                    float(_get(plan, "lr", (int, float), "plan")))

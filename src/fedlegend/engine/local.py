@@ -20,7 +20,8 @@ from ..client import LocalResult, LocalTrainingError, evaluate, local_steps_for,
 from ..devices import RoundTime, round_work
 from ..experiment import Experiment
 from ..lora import AdapterState, state_bytes
-from ..methods.base import DeviceUpdate, Estimator, LoraPlan, StatusReport, UpdateRejected, check_update
+from ..methods.base import (DeviceUpdate, Estimator, LoraPlan, StatusReport, UpdateRejected, check_update,
+                            trained_part)
 
 
 def lr_at(round_: int, rounds: int, lr: float, schedule: str) -> float:
@@ -137,7 +138,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
             events.append({"device": dev, "kind": reply.kind, "detail": reply.detail})
             continue
         try:
-            check_update(reply.local.state, a.payload)
+            check_update(reply.local.state, trained_part(a.payload, a.plan))
         except UpdateRejected as err:
             events.append({"device": dev, "kind": "rejected", "detail": str(err)})
             continue

@@ -12,6 +12,7 @@ from typing import Callable
 from .base import DeviceUpdate, Estimate, Estimator, LoraPlan, Method, MethodContext, StatusReport
 from .fedlora import FedLora
 from .fedra import FedRA
+from .ffa_lora import FfaLora
 from .flexlora import FlexLora
 from .hetlora import HetLora
 from .hlora import HLora
@@ -34,6 +35,7 @@ METHODS: dict[str, Registered] = {
     "flexlora": Registered(FlexLora, "flexlora"),
     "hlora": Registered(HLora, "hlora"),
     "fedra": Registered(FedRA, "fedra"),
+    "ffa-lora": Registered(FfaLora, "fedlora"),   # same rank/weighting knobs as FedLoRA
 }
 
 

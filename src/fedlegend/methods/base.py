@@ -110,6 +110,12 @@ def check_update(update: AdapterState, sent: AdapterState) -> None:
             raise UpdateRejected(f"{k}: holds NaN or Inf")
 
 
+def trained_part(payload: AdapterState, plan: LoraPlan) -> AdapterState:
+    """The tensors of a payload the device trains and sends back (not those the plan freezes)."""
+    frozen = tuple("." + part for part in plan.extras.get("frozen", ()))
+    return {k: v for k, v in payload.items() if not (frozen and k.endswith(frozen))}
+
+
 def layerwise_average(global_state: AdapterState, updates: list[DeviceUpdate],
                       weighting: str = "mean") -> AdapterState:
     """Eq. 17: each tensor averaged over the devices that trained it; untouched tensors keep
