@@ -46,7 +46,7 @@ def train_local(host: LoraHost, plan: LoraPlan, payload: AdapterState, data: Enc
         p.requires_grad_(k in trained)
     params = [p for k, p in host.params(name).items() if k in trained]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    model = host.peft
+    model = host.model
     model.train()
     losses, shapes, seen = [], [], 0
     lengths = [len(x) for x in data.ids]
@@ -71,7 +71,7 @@ def evaluate(host: LoraHost, state: AdapterState, data: Encoded, batch_size: int
     """(accuracy, mean loss) of the global adapter on `data`."""
     name = host.use(host.global_ranks)
     host.load(name, state)
-    model = host.peft
+    model = host.model
     model.eval()
     correct, loss_sum = 0, 0.0
     for batch in eval_batches(data, batch_size, pad_id):

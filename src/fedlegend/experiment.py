@@ -78,7 +78,10 @@ def build_experiment(cfg: Config) -> Experiment:
     lengths = np.array([len(x) for x in train.ids])
     ctx = MethodContext(spec=spec, num_devices=cfg.fleet.devices,
                         local_steps=max(1, cfg.train.local_steps), batch_size=cfg.train.batch_size,
-                        nominal_width=int(np.percentile(lengths, 90)), seed=seed)
+                        nominal_width=int(np.percentile(lengths, 90)), seed=seed,
+                        alpha_over_rank=cfg.model.lora_alpha_over_rank,
+                        label_counts=tuple(tuple(h) for h in
+                                           (label_histogram(train.labels[p], len(ds.label_names)) for p in parts)))
     method = make_method(cfg.method.name, ctx, cfg.method.model_dump())
     host = LoraHost(model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank, cfg.model.lora_dropout)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

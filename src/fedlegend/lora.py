@@ -149,6 +149,11 @@ class LoraHost:
         self._params: dict[str, dict[str, torch.nn.Parameter]] = {self.GLOBAL: self._index(self.GLOBAL)}
         self.global_ranks = dict(global_ranks)
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model local training and evaluation run (any host exposes one)."""
+        return self.peft
+
     @staticmethod
     def _sig(ranks: Ranks) -> tuple:
         return tuple(sorted((int(k), int(v)) for k, v in ranks.items()))

@@ -92,6 +92,8 @@ class MethodContext:
     batch_size: int
     nominal_width: int   # typical padded sequence length, for FLOP budgets
     seed: int = 0        # for methods that draw at random (FedRA)
+    alpha_over_rank: float = 2.0  # LoRA scaling alpha/r: B·A enters the weight as (alpha/r)·B·A
+    label_counts: tuple[tuple[int, ...], ...] = ()  # per device, for methods that group by data (HierFedLoRA)
 
 
 class UpdateRejected(ValueError):
@@ -144,6 +146,7 @@ class Method(ABC):
 
     name: str = ""
     rho: float = 0.8  # moving-average weight the server's Estimator uses for this method (eq. 8-9)
+    host_kind: str = "lora"  # which module a device trains: "lora" (peft LoRA) or "bottleneck" (FedAdapter)
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
