@@ -86,4 +86,4 @@ def build_experiment(cfg: Config) -> Experiment:
     host = LoraHost(model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank, cfg.model.lora_dropout)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Experiment(cfg, spec, host, method, fleet, train, test, parts, ds.label_names, pad_id,
-                      host.read(LoraHost.GLOBAL))
+                      method.init_state(host.read(LoraHost.GLOBAL)))

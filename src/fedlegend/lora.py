@@ -5,6 +5,9 @@ Canonical adapter state (one layout for every method and engine): a flat dict
     "head.{param}"               -> the task head's tensors (trained and aggregated too)
 with `module` the path inside transformer layer l (e.g. "attention.self.query"). A and B are
 oriented as peft stores them for nn.Linear, so the update is B @ A (d_out x d_in).
+Methods that fold updates into the frozen weight (FLoRA, FedEx-LoRA) add
+    "layers.{l}.{module}.residual" -> (d_out, d_in), the frozen weight becomes W0 + residual
+(the LoRA scaling alpha/r already applied); devices never train it (plans freeze it).
 
 One base model stays in memory. Each distinct rank layout becomes one named peft adapter on
 it (LEGEND needs at most L of them), so devices never get a model copy of their own.
@@ -35,6 +38,13 @@ def key_layer(key: str) -> int | None:
     if key.startswith("layers."):
         return int(key.split(".", 2)[1])
     return None
+
+
+RESIDUAL = "residual"
+
+
+def residual_key(layer: int, module: str) -> str:
+    return lora_key(layer, module, RESIDUAL)
 
 
 def state_bytes(state: AdapterState) -> int:
@@ -148,6 +158,7 @@ class LoraHost:
         self._layouts: dict[tuple, str] = {self._sig(global_ranks): self.GLOBAL}
         self._params: dict[str, dict[str, torch.nn.Parameter]] = {self.GLOBAL: self._index(self.GLOBAL)}
         self.global_ranks = dict(global_ranks)
+        self._w0: dict[str, torch.Tensor] = {}  # pretrained weight of each target a residual changed
 
     @property
     def model(self) -> torch.nn.Module:
@@ -201,6 +212,26 @@ class LoraHost:
             if tuple(state[k].shape) != tuple(p.shape):
                 raise ValueError(f"{k}: shape {tuple(state[k].shape)} does not fit {tuple(p.shape)}")
             p.copy_(state[k])
+        self._apply_residuals(state)
+
+    def _base_linear(self, full_name: str) -> torch.nn.Linear:
+        mod = self.peft.base_model.model.get_submodule(full_name)
+        return getattr(mod, "base_layer", mod)
+
+    @torch.no_grad()
+    def _apply_residuals(self, state: AdapterState) -> None:
+        """Frozen weight = W0 + residual for targets the state holds a residual of, W0 elsewhere
+        (one shared base model serves every device, so the previous device's residual must go)."""
+        for t in self.spec.targets:
+            key = residual_key(t.layer, t.module)
+            if key not in state and t.full_name not in self._w0:
+                continue
+            weight = self._base_linear(t.full_name).weight
+            w0 = self._w0.setdefault(t.full_name, weight.detach().clone())
+            res = state.get(key)
+            if res is not None and tuple(res.shape) != tuple(w0.shape):
+                raise ValueError(f"{key}: shape {tuple(res.shape)} does not fit the weight {tuple(w0.shape)}")
+            weight.copy_(w0 if res is None else w0 + res.to(w0.dtype))
 
     @torch.no_grad()
     def read(self, name: str) -> AdapterState:
@@ -211,3 +242,11 @@ class LoraHost:
         self.use(self.global_ranks)
         self.load(self.GLOBAL, state)
         self.peft.save_pretrained(str(out_dir), selected_adapters=[self.GLOBAL])
+        residuals = {k: v.contiguous() for k, v in state.items() if k.endswith("." + RESIDUAL)}
+        if residuals:  # FLoRA / FedEx-LoRA: the part folded into the frozen weights
+            from safetensors.torch import save_file
+            by_key = {residual_key(t.layer, t.module): t.full_name for t in self.spec.targets}
+            save_file({by_key[k] + ".weight": v for k, v in residuals.items()},
+                      str(Path(out_dir) / "residual.safetensors"),
+                      metadata={"about": "add each tensor to the base model's weight of that name "
+                                         "before loading the adapter"})

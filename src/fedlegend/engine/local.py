@@ -128,8 +128,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
             events.append({"device": dev, "kind": "skipped", "detail": rp.skipped[dev]})
             continue
         a = rp.assignments[dev]
-        down = state_bytes(a.payload)
-        bytes_down += down  # the payload was sent whatever came back
+        bytes_down += exp.method.download_bytes(a.payload, a.plan)  # the payload was sent whatever came back
         reply = replies.get(dev)
         if reply is None:
             events.append({"device": dev, "kind": "dropped", "detail": "no reply this round"})
@@ -173,7 +172,7 @@ def run_device(exp: Experiment, a: Assignment) -> DeviceResult | DeviceFailure:
                           weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
     except LocalTrainingError as err:
         return DeviceFailure(dev, "rejected", str(err))
-    down, up = state_bytes(a.payload), state_bytes(res.state)
+    down, up = exp.method.download_bytes(a.payload, a.plan), state_bytes(res.state)
     rt = exp.fleet.time(dev, a.round, round_work(exp.spec, a.plan.ranks, res.batch_shapes, down, up))
     report = status_report(dev, rt, a.plan.depth, sum(a.plan.ranks.values()), res.samples)
     return DeviceResult(dev, res, rt, report)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lora import AdapterState, ModelSpec, Ranks, key_layer
+from ..lora import AdapterState, ModelSpec, Ranks, key_layer, state_bytes
 
 
 @dataclass(frozen=True)
@@ -171,3 +171,12 @@ class Method(ABC):
     @abstractmethod
     def aggregate(self, global_state: AdapterState, updates: list[DeviceUpdate]) -> AdapterState:
         """The new global adapter from the accepted updates."""
+
+    def init_state(self, state: AdapterState) -> AdapterState:
+        """The initial global adapter from the host's fresh one (residual methods add zeros)."""
+        return state
+
+    def download_bytes(self, payload: AdapterState, plan: LoraPlan) -> int:
+        """Bytes a device downloads for its payload. Default: every tensor of the payload; a
+        method whose devices could rebuild part of it from less (FLoRA) says what goes on the wire."""
+        return state_bytes(payload)
