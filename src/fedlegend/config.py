@@ -113,14 +113,24 @@ class FedRAConfig(_Section):
     min_layers: int = Field(1, ge=1, description="layers of the slowest device")
 
 
+class HierFedLoraConfig(_Section):
+    groups: int = Field(3, ge=1, description="near-IID device groups (each with its own depth and frequency)")
+    rank: int = Field(8, ge=1, description="LoRA rank of every trained layer")
+    max_frequency: int = Field(4, ge=1, description="most intra-group aggregations of a group per global round")
+    min_depth: int = Field(1, ge=1, description="depth of the slowest group")
+
+
 class MethodConfig(_Section):
     name: str = Field("legend", description="registered method: legend, legend-wo-ld, legend-wo-rd, fedlora, "
-                      "hetlora, flexlora, hlora, fedra, ffa-lora (uses [method.fedlora])")
+                      "hetlora, flexlora, hlora, flora, hierfedlora, fedra, ffa-lora and fedex-lora "
+                      "(both use [method.fedlora])")
     legend: LegendConfig = Field(default_factory=LegendConfig)
     fedlora: FedLoraConfig = Field(default_factory=FedLoraConfig)
     hetlora: HetLoraConfig = Field(default_factory=HetLoraConfig)
     flexlora: RankRangeConfig = Field(default_factory=RankRangeConfig)
     hlora: RankRangeConfig = Field(default_factory=RankRangeConfig)
+    flora: RankRangeConfig = Field(default_factory=RankRangeConfig)
+    hierfedlora: HierFedLoraConfig = Field(default_factory=HierFedLoraConfig)
     fedra: FedRAConfig = Field(default_factory=FedRAConfig)
 
 

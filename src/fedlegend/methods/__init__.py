@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .base import DeviceUpdate, Estimate, Estimator, LoraPlan, Method, MethodContext, StatusReport
+from .fedex_lora import FedExLora
 from .fedlora import FedLora
 from .fedra import FedRA
 from .ffa_lora import FfaLora
 from .flexlora import FlexLora
+from .flora import FLora
 from .hetlora import HetLora
 from .hlora import HLora
 from .legend import Legend
@@ -36,6 +38,8 @@ METHODS: dict[str, Registered] = {
     "hlora": Registered(HLora, "hlora"),
     "fedra": Registered(FedRA, "fedra"),
     "ffa-lora": Registered(FfaLora, "fedlora"),   # same rank/weighting knobs as FedLoRA
+    "fedex-lora": Registered(FedExLora, "fedlora"),
+    "flora": Registered(FLora, "flora"),
 }
 
 
