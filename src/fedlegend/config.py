@@ -120,9 +120,20 @@ class HierFedLoraConfig(_Section):
     min_depth: int = Field(1, ge=1, description="depth of the slowest group")
 
 
+class FedAdapterConfig(_Section):
+    init_depth: int = Field(2, ge=1, description="adapter depth (top layers) at the start of the progressive search")
+    init_width: int = Field(8, ge=1, description="adapter bottleneck width at the start")
+    depth_step: int = Field(2, ge=1, description="the deeper trial configuration: depth + this")
+    width_factor: int = Field(2, ge=2, description="the wider trial configuration: width * this")
+    max_width: int = Field(64, ge=1, description="widest adapter (and the global adapter's width)")
+    trial_rounds: int = Field(3, ge=2, description="rounds per trial period; the server upgrades at its end")
+    search: bool = Field(True, description="false: train (init_depth, init_width) throughout, no trials")
+    weighting: Literal["mean", "samples"] = "samples"
+
+
 class MethodConfig(_Section):
     name: str = Field("legend", description="registered method: legend, legend-wo-ld, legend-wo-rd, fedlora, "
-                      "hetlora, flexlora, hlora, flora, hierfedlora, fedra, ffa-lora and fedex-lora "
+                      "hetlora, flexlora, hlora, flora, hierfedlora, fedra, fedadapter, ffa-lora and fedex-lora "
                       "(both use [method.fedlora])")
     legend: LegendConfig = Field(default_factory=LegendConfig)
     fedlora: FedLoraConfig = Field(default_factory=FedLoraConfig)
@@ -132,6 +143,7 @@ class MethodConfig(_Section):
     flora: RankRangeConfig = Field(default_factory=RankRangeConfig)
     hierfedlora: HierFedLoraConfig = Field(default_factory=HierFedLoraConfig)
     fedra: FedRAConfig = Field(default_factory=FedRAConfig)
+    fedadapter: FedAdapterConfig = Field(default_factory=FedAdapterConfig)
 
 
 class RunConfig(_Section):

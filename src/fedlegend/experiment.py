@@ -83,7 +83,12 @@ def build_experiment(cfg: Config) -> Experiment:
                         label_counts=tuple(tuple(h) for h in
                                            (label_histogram(train.labels[p], len(ds.label_names)) for p in parts)))
     method = make_method(cfg.method.name, ctx, cfg.method.model_dump())
-    host = LoraHost(model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank, cfg.model.lora_dropout)
+    if method.host_kind == "bottleneck":   # FedAdapter: bottleneck adapters, not LoRA
+        from .adapters import BottleneckHost
+        host = BottleneckHost(model, spec, method.global_ranks())
+    else:
+        host = LoraHost(model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank, cfg.model.lora_dropout)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Experiment(cfg, spec, host, method, fleet, train, test, parts, ds.label_names, pad_id,
+    # host.spec: the bottleneck host's spec describes its adapter sites, so the cost model prices adapters
+    return Experiment(cfg, host.spec, host, method, fleet, train, test, parts, ds.label_names, pad_id,
                       method.init_state(host.read(LoraHost.GLOBAL)))

@@ -147,6 +147,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
         bytes_up += state_bytes(reply.local.state)
         rows.append(device_row(a.plan, reply))
     events.extend(extra_events or [])
+    exp.method.observe_round(rp.round, rows)
     new_state = exp.method.aggregate(global_state, updates) if updates else global_state
     for r in reports:
         estimator.observe(r)

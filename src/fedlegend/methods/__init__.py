@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .base import DeviceUpdate, Estimate, Estimator, LoraPlan, Method, MethodContext, StatusReport
+from .fedadapter import FedAdapter
 from .fedex_lora import FedExLora
 from .fedlora import FedLora
 from .fedra import FedRA
@@ -37,6 +38,7 @@ METHODS: dict[str, Registered] = {
     "flexlora": Registered(FlexLora, "flexlora"),
     "hlora": Registered(HLora, "hlora"),
     "fedra": Registered(FedRA, "fedra"),
+    "fedadapter": Registered(FedAdapter, "fedadapter"),   # bottleneck adapters (fedlegend.adapters)
     "ffa-lora": Registered(FfaLora, "fedlora"),   # same rank/weighting knobs as FedLoRA
     "fedex-lora": Registered(FedExLora, "fedlora"),
     "flora": Registered(FLora, "flora"),

@@ -180,3 +180,7 @@ class Method(ABC):
         """Bytes a device downloads for its payload. Default: every tensor of the payload; a
         method whose devices could rebuild part of it from less (FLoRA) says what goes on the wire."""
         return state_bytes(payload)
+
+    def observe_round(self, round_: int, rows: list[dict]) -> None:
+        """What the server saw of the round's accepted devices (their record rows: id, loss, time_s,
+        samples, ...), called just before aggregate. Default: nothing (FedAdapter's search uses it)."""
