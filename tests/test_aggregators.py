@@ -137,3 +137,114 @@ def test_ffa_lora_mean_of_b_is_exact_with_shared_a():
     assert torch.allclose(new["layers.0.q.lora_B"] @ new["layers.0.q.lora_A"], sum(b @ a for b in bs) / 3)
     plan = LoraPlan(0, {0: 3}, {"frozen": ("lora_A",)})
     assert set(trained_part(g, plan)) == {"layers.0.q.lora_B"}
+
+
+# ------------------------------------------------------------------ FLoRA and FedEx-LoRA
+def _pairs(k, d_in, d_out, ranks_, seed):
+    return [(rand(r, d_in, seed=seed + 10 * i), rand(d_out, r, seed=seed + 10 * i + 1)) for i, r in enumerate(ranks_)]
+
+
+@SETTINGS
+@given(d_in=dims, d_out=dims, rs=st.lists(ranks, min_size=1, max_size=4), seed=st.integers(0, 99))
+def test_flora_stacking_equals_weighted_sum_of_products(d_in, d_out, rs, seed):
+    from fedlegend.methods.flora import stack_lora
+
+    pairs = _pairs(len(rs), d_in, d_out, rs, seed)
+    w = [float(i + 1) for i in range(len(rs))]
+    w = [x / sum(w) for x in w]
+    a, b = stack_lora(pairs, w)
+    assert a.shape == (sum(rs), d_in) and b.shape == (d_out, sum(rs))
+    assert torch.allclose(b @ a, sum(wi * (bi @ ai) for wi, (ai, bi) in zip(w, pairs)))
+
+
+@SETTINGS
+@given(d_in=dims, d_out=dims, r=ranks, k=st.integers(1, 4), seed=st.integers(0, 99))
+def test_fedex_residual_makes_aggregation_exact(d_in, d_out, r, k, seed):
+    """mean of B_k A_k == B_avg A_avg + residual (eq. of FedEx-LoRA), and zero for one device."""
+    from fedlegend.methods.fedex_lora import exact_residual
+
+    pairs = _pairs(k, d_in, d_out, [r] * k, seed)
+    w = [1.0 / k] * k
+    a_avg = sum(wi * a for wi, (a, _) in zip(w, pairs))
+    b_avg = sum(wi * b for wi, (_, b) in zip(w, pairs))
+    exact = sum(wi * (b @ a) for wi, (a, b) in zip(w, pairs))
+    res = exact_residual(pairs, w)
+    assert torch.allclose(b_avg @ a_avg + res, exact)
+    if k == 1:
+        assert torch.allclose(res, torch.zeros_like(res))
+    else:  # averaging factors apart is not exact in general: the residual is what fixes it
+        assert not torch.allclose(b_avg @ a_avg, exact)
+
+
+def _method_ctx(L=2, d=6, alpha=2.0):
+    from fedlegend.lora import LoraTarget, ModelSpec
+    from fedlegend.methods.base import MethodContext
+
+    targets = tuple(LoraTarget(l, m, f"enc.layer.{l}.{m}", d, d) for l in range(L) for m in ("q", "v"))
+    spec = ModelSpec(num_layers=L, hidden=d, intermediate=4 * d, targets=targets, head_module="classifier",
+                     head_shapes={"weight": (2, d)})
+    return MethodContext(spec=spec, num_devices=3, local_steps=1, batch_size=4, nominal_width=8,
+                         alpha_over_rank=alpha)
+
+
+def _res_state(ranks_by_layer, d=6, seed=0, residual=None):
+    s = {"head.weight": rand(2, d, seed=seed)}
+    for l, r in ranks_by_layer.items():
+        for i, m in enumerate(("q", "v")):
+            s[f"layers.{l}.{m}.lora_A"] = rand(r, d, seed=seed + 100 * l + 10 * i + 1)
+            s[f"layers.{l}.{m}.lora_B"] = rand(d, r, seed=seed + 100 * l + 10 * i + 2)
+            if residual is not None:
+                s[f"layers.{l}.{m}.residual"] = residual * rand(d, d, seed=seed + 100 * l + 10 * i + 3)
+    return s
+
+
+def _effective(state, prefix, scale):
+    """Weight change the frozen residual and the LoRA make together: residual + (alpha/r) B A."""
+    return state[prefix + ".residual"] + scale * state[prefix + ".lora_B"] @ state[prefix + ".lora_A"]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_fedex_lora_global_model_is_the_exact_average(alpha):
+    from fedlegend.methods.fedex_lora import FedExLora
+
+    m = FedExLora(_method_ctx(alpha=alpha), rank=3)
+    g = m.init_state(_res_state({0: 3, 1: 3}, seed=1))
+    g = {k: (v.double() if k.endswith("residual") else v) for k, v in g.items()}
+    ups = [DeviceUpdate(i, {k: v for k, v in _res_state({0: 3, 1: 3}, seed=10 + i).items()}, samples=n)
+           for i, n in enumerate((1, 3, 4))]
+    new = m.aggregate(g, ups)
+    w = [1 / 8, 3 / 8, 4 / 8]
+    for prefix in ("layers.0.q", "layers.1.v"):
+        # each device's model is W0 + old residual + s B_k A_k; the new global must be their weighted mean
+        target = g[prefix + ".residual"] + alpha * sum(wi * (u.state[prefix + ".lora_B"] @ u.state[prefix + ".lora_A"])
+                                                       for wi, u in zip(w, ups))
+        assert torch.allclose(_effective(new, prefix, alpha), target)
+    assert set(new) == set(g)
+
+
+def test_flora_folds_the_stack_into_the_residual_and_restarts_lora():
+    from fedlegend.methods.flora import FLora
+
+    m = FLora(_method_ctx(alpha=2.0), rank_min=1, rank_max=4)
+    g = m.init_state(_res_state({0: 4, 1: 4}, seed=2))
+    g = {k: (torch.zeros_like(v) if k.endswith("lora_B") else v) for k, v in g.items()}   # fresh LoRA: B = 0
+    ups = [DeviceUpdate(0, {k: v for k, v in _res_state({0: 2, 1: 2}, seed=20).items() if "residual" not in k}, 2),
+           DeviceUpdate(1, {k: v for k, v in _res_state({0: 4}, seed=30).items() if "residual" not in k}, 6)]
+    new = m.aggregate(g, ups)
+    # layer 0: both devices, weights 1/4, 3/4; layer 1: only device 0
+    p = "layers.0.q"
+    want = 2.0 * (0.25 * ups[0].state[p + ".lora_B"] @ ups[0].state[p + ".lora_A"]
+                  + 0.75 * ups[1].state[p + ".lora_B"] @ ups[1].state[p + ".lora_A"])
+    assert torch.allclose(new[p + ".residual"] - g[p + ".residual"], want)
+    p1 = "layers.1.v"
+    want1 = 2.0 * ups[0].state[p1 + ".lora_B"] @ ups[0].state[p1 + ".lora_A"]
+    assert torch.allclose(new[p1 + ".residual"] - g[p1 + ".residual"], want1)
+    # the model a device starts the next round from is the merged one: B = 0 so B A adds nothing
+    assert all(torch.count_nonzero(new[k]) == 0 for k in new if k.endswith("lora_B"))
+    assert all(new[k].shape == g[k].shape for k in g)
+    # the next round's A is fresh (not the global A of before) and the same on every call with the seed
+    m2 = FLora(_method_ctx(alpha=2.0), rank_min=1, rank_max=4)
+    assert torch.equal(m2.aggregate(g, ups)["layers.0.q.lora_A"], new["layers.0.q.lora_A"])
+    assert not torch.equal(new["layers.0.q.lora_A"], g["layers.0.q.lora_A"])
+    # FLoRA's wire cost: the stacked factors (ranks 2 + 4 on layer 0), not the dense residual
+    assert m.stack_bytes[p] == (6 * 6 + 6 * 6) * new[p + ".lora_A"].element_size()

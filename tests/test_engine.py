@@ -137,7 +137,8 @@ def test_nan_loss_raises(exp):
                     rng=np.random.default_rng(0), pad_id=exp.pad_id)
 
 
-@pytest.mark.parametrize("name", ["fedlora", "hetlora", "flexlora", "hlora", "fedra", "ffa-lora", "legend-wo-ld", "legend-wo-rd"])
+@pytest.mark.parametrize("name", ["fedlora", "hetlora", "flexlora", "hlora", "fedra", "ffa-lora", "flora", "fedex-lora",
+                                  "legend-wo-ld", "legend-wo-rd"])
 def test_every_method_runs_two_rounds(name):
     exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 2}))
     _, records = run_local(exp, progress=False)
@@ -154,3 +155,28 @@ def test_ffa_lora_trains_only_b_and_uploads_less():
     assert a_keys and all(torch.equal(out.state[k], g[k]) for k in a_keys)           # A frozen
     assert any(not torch.equal(out.state[k], g[k]) for k in g if k.endswith("lora_B"))
     assert out.record["bytes_up"] < out.record["bytes_down"]                            # B + head only
+
+
+@pytest.mark.parametrize("name", ["flora", "fedex-lora"])
+def test_residual_methods_fold_updates_into_the_weights(name, tmp_path):
+    """After a round the residual is non-zero, the evaluated model uses it, and it is saved beside the adapter."""
+    from safetensors.torch import load_file
+    from fedlegend.client import evaluate
+    from fedlegend.runner import run_experiment
+
+    exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 2}))
+    g = exp.initial_state
+    res_keys = [k for k in g if k.endswith(".residual")]
+    assert res_keys and all(torch.count_nonzero(g[k]) == 0 for k in res_keys)
+    out = run_round(exp, 1, g, Estimator())
+    assert all(torch.count_nonzero(out.state[k]) > 0 for k in res_keys)
+    assert out.record["bytes_up"] > 0 and not out.record["events"]
+    with_res = evaluate(exp.host, out.state, exp.test, 16, exp.pad_id)[1]
+    without = evaluate(exp.host, {k: v for k, v in out.state.items() if k not in res_keys}, exp.test, 16, exp.pad_id)[1]
+    assert with_res != without                                  # the loss sees the folded update
+    if name == "fedex-lora":   # the dense residual is on the wire every round: more than the LoRA alone
+        lora = sum(v.numel() * v.element_size() for k, v in g.items() if "lora_" in k)
+        assert out.record["bytes_down"] > 2 * lora
+    run_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 2, "run.rounds": 1}), tmp_path, progress=False)
+    saved = load_file(str(tmp_path / "adapter" / "residual.safetensors"))
+    assert len(saved) == len(res_keys) and all(k.endswith(".weight") for k in saved)

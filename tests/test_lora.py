@@ -82,3 +82,28 @@ def test_load_read_roundtrip_and_shape_check(tiny_bert):
     bad[k] = torch.zeros(5, 5)
     with pytest.raises(ValueError, match="does not fit"):
         host.load(name, bad)
+
+
+def test_residual_is_added_to_the_frozen_weight_and_removed_again(tiny_bert):
+    """A state's residual makes the frozen weight W0 + residual; a state without one restores W0."""
+    from fedlegend.lora import residual_key
+
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    host = LoraHost(tiny_bert, spec, {l: 2 for l in range(4)})
+    host.peft.eval()
+    plain = host.read(host.GLOBAL)
+    with torch.no_grad():
+        base_logits = host.model(**_batch()).logits
+    t = spec.targets_of(1)[0]
+    res = torch.randn(t.d_out, t.d_in, generator=torch.Generator().manual_seed(1))
+    host.load(host.GLOBAL, {**plain, residual_key(1, t.module): res})
+    weight = host._base_linear(t.full_name).weight
+    assert torch.allclose(weight, host._w0[t.full_name] + res)
+    with torch.no_grad():
+        assert not torch.allclose(host.model(**_batch()).logits, base_logits)
+    assert not any(k.endswith("residual") for k in host.read(host.GLOBAL))   # never trained or uploaded
+    host.load(host.GLOBAL, plain)
+    with torch.no_grad():
+        assert torch.allclose(host.model(**_batch()).logits, base_logits)
+    with pytest.raises(ValueError, match="does not fit"):
+        host.load(host.GLOBAL, {**plain, residual_key(1, t.module): torch.zeros(3, 3)})
