@@ -137,7 +137,7 @@ def test_nan_loss_raises(exp):
                     rng=np.random.default_rng(0), pad_id=exp.pad_id)
 
 
-@pytest.mark.parametrize("name", ["fedlora", "hetlora", "flexlora", "hlora", "fedra", "ffa-lora", "flora", "fedex-lora",
+@pytest.mark.parametrize("name", ["fedlora", "hetlora", "flexlora", "hlora", "fedra", "ffa-lora", "flora", "fedex-lora", "hierfedlora",
                                   "legend-wo-ld", "legend-wo-rd"])
 def test_every_method_runs_two_rounds(name):
     exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 2}))

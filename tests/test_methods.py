@@ -14,7 +14,7 @@ def ctx(L=6, n=4):
 
 def test_registry_and_unknown_method():
     assert {"legend", "fedlora"} <= set(METHODS)
-    with pytest.raises(ValueError, match="registered methods: fedlora, fedra"):
+    with pytest.raises(ValueError, match="registered methods: .*fedlora, fedra.*legend"):
         make_method("fedsomething", ctx(), {})
 
 
@@ -98,3 +98,81 @@ def test_hetlora_self_pruning_lowers_rank():
     g = {"layers.0.q.lora_A": torch.zeros(4, 32), "layers.0.q.lora_B": torch.zeros(32, 4), "head.weight": torch.zeros(2, 32)}
     m.aggregate(g, [DeviceUpdate(0, {"layers.0.q.lora_A": a, "layers.0.q.lora_B": b, "head.weight": torch.zeros(2, 32)}, 4)])
     assert m.plan(2, [0], {}, {})[0].ranks[0] == 3
+
+
+# ------------------------------------------------------------------ HierFedLoRA
+def test_near_iid_groups_balance_labels_and_sizes():
+    from fedlegend.methods.hierfedlora import near_iid_groups
+
+    # two label-skewed halves: a good grouping mixes them, each group close to 50/50
+    counts = [[90, 10], [85, 15], [10, 90], [15, 85], [50, 50], [48, 52]]
+    groups = near_iid_groups(counts, 3)
+    assert sorted(i for g in groups for i in g) == list(range(6)) and all(len(g) == 2 for g in groups)
+    for g in groups:
+        s = [sum(counts[i][c] for i in g) for c in (0, 1)]
+        assert abs(s[0] / sum(s) - 0.5) < 0.1, groups
+    assert len(near_iid_groups(counts, 10)) == 6   # never more groups than devices
+
+
+def test_frequency_and_depth_fills_the_period():
+    from fedlegend.methods.hierfedlora import frequency_and_depth
+
+    t = lambda d: 1.0 + d   # iteration time at depth d
+    # period 7: (tau, d) with tau * (1 + d) <= 7 maximising tau * d: (1, 6) -> 6, (2, 2) -> 4, (3, 1) -> 3
+    assert frequency_and_depth(t, 7.0, 6, 4, 1) == (1, 6)
+    # a fast group: t = 0.1 + 0.1 d, period 2.0: d=6 -> tau 2 -> 12, d=4 -> tau 4 -> 16 (capped at 4)
+    assert frequency_and_depth(lambda d: 0.1 + 0.1 * d, 2.0, 6, 4, 1) == (4, 4)
+    # too slow for even one iteration at the minimum depth: (1, min_depth), it sets the period
+    assert frequency_and_depth(lambda d: 10.0 + d, 2.0, 6, 4, 2) == (1, 2)
+
+
+def test_hierfedlora_ticks_clock_and_aggregation():
+    import torch
+    from fedlegend.methods.base import DeviceUpdate
+
+    c = ctx(L=4, n=4)
+    c = MethodContext(c.spec, 4, 2, 4, 16, label_counts=((5, 5), (5, 5), (5, 5), (5, 5)))
+    m = make_method("hierfedlora", c, {"hierfedlora": {"groups": 2, "rank": 2, "max_frequency": 3}})
+    devs = [0, 1, 2, 3]
+    plans = m.plan(1, devs, {}, {})                      # profiling: every group (1, L)
+    assert set(plans) == set(devs) and all(p.depth == 4 for p in plans.values())
+    assert sorted(len(g) for g in m.groups) == [2, 2]
+    # group of device 0 is fast, the other slow
+    fast = set(m.groups[m.group_of[0]])
+    est = {i: Estimate(0.1, 0.1, 0.0) if i in fast else Estimate(1.0, 1.0, 0.0) for i in devs}
+    g0 = {f"layers.{l}.{mod}.lora_{p}": torch.zeros(2, 32) if p == "A" else torch.zeros(32, 2)
+          for l in range(4) for mod in ("q", "v") for p in "AB"}
+    g0["head.weight"] = torch.zeros(2, 32)
+    m.round_timing({i: 1.0 for i in devs})
+    state = m.aggregate(g0, [DeviceUpdate(i, m.assign(g0, plans[i]), 10) for i in devs])
+    plans = m.plan(2, devs, est, {})
+    gf, gs = m.group_of[0], 1 - m.group_of[0]
+    assert m.tau[gf] > 1 and m.tau[gs] == 1 and m.depth[gf] >= m.depth[gs]
+    assert set(plans) == set(devs)
+    # tick 1: both groups train; the slow group's last iteration; clock = the slow group's time
+    times = {i: (0.5 if i in fast else 3.0) for i in devs}
+    rt, waits = m.round_timing(times)
+    assert rt == 3.0
+    ones = lambda p: {k: torch.ones_like(v) for k, v in m.assign(state, p).items()}
+    new = m.aggregate(state, [DeviceUpdate(i, ones(plans[i]), 10) for i in devs])
+    assert all(torch.equal(new[k], state[k]) for k in state)   # no global aggregation before the last tick
+    # tick 2: only the fast group; its clock (1.0) stays below the slow group's (3.0): no time passes
+    plans = m.plan(3, devs, est, {})
+    assert set(plans) == fast
+    assert m.idle_reason(next(i for i in devs if i not in fast)).startswith(f"group {gs}")
+    rt, _ = m.round_timing({i: 0.5 for i in fast})
+    assert rt == 0.0
+    for t in range(3, m.tau[gf] + 1):
+        plans = m.plan(t + 1, devs, est, {})
+        m.round_timing({i: 0.5 for i in fast})
+        if t < m.tau[gf]:
+            m.aggregate(state, [DeviceUpdate(i, ones(plans[i]), 10) for i in fast])
+    last = [DeviceUpdate(i, {k: 3 * v for k, v in ones(plans[i]).items()}, 10) for i in fast]
+    new = m.aggregate(state, last)
+    # global aggregation: layers both groups trained average the groups' states
+    top = f"layers.3.q.lora_A"
+    assert not torch.equal(new[top], state[top])
+    low = f"layers.0.q.lora_A"
+    if m.depth[gf] < 4 and m.depth[gs] < 4:
+        assert torch.equal(new[low], state[low])   # nobody trained layer 0
+    assert m.plan(99, devs, est, {}).keys() == set(devs)        # the next global round starts

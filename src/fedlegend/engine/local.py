@@ -98,7 +98,7 @@ def plan_round(exp: Experiment, round_: int, global_state: AdapterState, estimat
     for dev in devices:
         plan = plans.get(dev)
         if plan is None:
-            skipped[dev] = "no feasible plan this round"
+            skipped[dev] = method.idle_reason(dev)
             continue
         steps = local_steps_for(len(exp.parts[dev]), cfg.train.batch_size, cfg.train.local_steps,
                                 cfg.train.local_epochs)
@@ -148,12 +148,13 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
         rows.append(device_row(a.plan, reply))
     events.extend(extra_events or [])
     exp.method.observe_round(rp.round, rows)
+    # timing before aggregation: a method with sub-rounds (HierFedLoRA) closes its clocks when it aggregates
+    round_time, waits = exp.method.round_timing({r["id"]: r["time_s"] for r in rows})
+    for r in rows:
+        r["waiting_s"] = waits[r["id"]]
     new_state = exp.method.aggregate(global_state, updates) if updates else global_state
     for r in reports:
         estimator.observe(r)
-    round_time = max((r["time_s"] for r in rows), default=0.0)
-    for r in rows:
-        r["waiting_s"] = round_time - r["time_s"]
     record = {"round": rp.round, "round_time_s": round_time,
               "mean_waiting_s": float(np.mean([r["waiting_s"] for r in rows])) if rows else 0.0,
               "bytes_down": bytes_down, "bytes_up": bytes_up, "lr": rp.lr,

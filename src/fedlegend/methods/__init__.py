@@ -18,6 +18,7 @@ from .ffa_lora import FfaLora
 from .flexlora import FlexLora
 from .flora import FLora
 from .hetlora import HetLora
+from .hierfedlora import HierFedLora
 from .hlora import HLora
 from .legend import Legend
 
@@ -42,6 +43,7 @@ METHODS: dict[str, Registered] = {
     "ffa-lora": Registered(FfaLora, "fedlora"),   # same rank/weighting knobs as FedLoRA
     "fedex-lora": Registered(FedExLora, "fedlora"),
     "flora": Registered(FLora, "flora"),
+    "hierfedlora": Registered(HierFedLora, "hierfedlora"),
 }
 
 

@@ -176,6 +176,16 @@ class Method(ABC):
         """The initial global adapter from the host's fresh one (residual methods add zeros)."""
         return state
 
+    def round_timing(self, times: dict[int, float]) -> tuple[float, dict[int, float]]:
+        """(virtual duration of the round, waiting of each device) from the devices' times.
+        Default: a synchronous round lasts as long as its slowest device; the rest wait for it."""
+        t = max(times.values(), default=0.0)
+        return t, {i: t - ti for i, ti in times.items()}
+
+    def idle_reason(self, device: int) -> str:
+        """Why the plan of this round has no entry for a device (recorded as a 'skipped' event)."""
+        return "no feasible plan this round"
+
     def download_bytes(self, payload: AdapterState, plan: LoraPlan) -> int:
         """Bytes a device downloads for its payload. Default: every tensor of the payload; a
         method whose devices could rebuild part of it from less (FLoRA) says what goes on the wire."""
