@@ -73,12 +73,25 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def cmd_certs(a: argparse.Namespace) -> int:
-    from .certs import write_certs
+    from pathlib import Path
 
-    files = write_certs(a.dir, [h.strip() for h in a.hosts.split(",") if h.strip()], a.days)
+    from .certs import write_certs, write_supernode_keys
+
+    if a.keys_only:
+        files = write_supernode_keys(a.dir, range(a.first, a.first + a.supernodes))
+        print(f"wrote {', '.join(str(p) for p in files.values())}")
+        return 0
+    files = write_certs(a.dir, [h.strip() for h in a.hosts.split(",") if h.strip()], a.days, a.supernodes)
     print(f"wrote {', '.join(str(p) for p in files.values())}")
+    auth = " --enable-supernode-auth" if a.supernodes else ""
     print(f"flower-superlink --ssl-ca-certfile {files['ca.crt']} --ssl-certfile {files['server.pem']} "
-          f"--ssl-keyfile {files['server.key']};  flower-supernode --root-certificates {files['ca.crt']}")
+          f"--ssl-keyfile {files['server.key']}{auth}")
+    node = f"flower-supernode --root-certificates {files['ca.crt']}"
+    if a.supernodes:
+        d = Path(a.dir)
+        print(f"flwr supernode register {d / 'supernode-I.pub'} LINK   # once per device I, on the SuperLink")
+        node += f" --auth-supernode-private-key {d / 'supernode-I.key'} --node-config 'device-id=I'"
+    print(node)
     return 0
 
 
@@ -86,21 +99,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlegend", description="Federated LoRA fine-tuning on heterogeneous devices")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one method on the simulated fleet")
-    run.add_argument("--method", help="registered method: legend (default), fedlora, hetlora, flexlora, hlora, "
-                     "fedra, ffa-lora, legend-wo-ld, legend-wo-rd")
+    from .methods import METHODS
+
+    run.add_argument("--method", help=f"registered method: legend (default), {', '.join(sorted(set(METHODS) - {'legend'}))}")
     run.add_argument("--out", help="output folder (default runs/METHOD-seedSEED)")
     _add_common(run)
     run.set_defaults(func=cmd_run)
     cmp_ = sub.add_parser("compare", help="run several methods on the same partitions, seeds and fleet")
-    cmp_.add_argument("--methods", default="legend,fedlora,hetlora", help="comma-separated registered methods")
+    cmp_.add_argument("--methods", default="legend,fedlora,hetlora,fedadapter",
+                      help="comma-separated registered methods (default: LEGEND and the paper's three baselines)")
     cmp_.add_argument("--seeds", default="0", help="comma-separated seeds")
     cmp_.add_argument("--out", default="runs/compare", help="output folder")
     _add_common(cmp_)
     cmp_.set_defaults(func=cmd_compare)
-    certs = sub.add_parser("certs", help="TLS certificates for a Flower federation (a private CA + SuperLink cert)")
+    certs = sub.add_parser("certs", help="TLS certificates for a Flower federation (a private CA + SuperLink cert) "
+                           "and SuperNode authentication keys")
     certs.add_argument("dir", help="output folder (must not hold a ca.key yet)")
     certs.add_argument("--hosts", default="localhost,127.0.0.1,::1", help="comma-separated SuperLink names/IPs")
     certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--supernodes", type=int, default=0,
+                       help="also write N SuperNode key pairs supernode-I.key/.pub (I = device id) for "
+                       "SuperNode authentication")
+    certs.add_argument("--keys-only", action="store_true",
+                       help="only the SuperNode key pairs, into an existing folder (devices --first..)")
+    certs.add_argument("--first", type=int, default=0, help="with --keys-only: the first device id")
     certs.set_defaults(func=cmd_certs)
     a = parser.parse_args(argv)
     try:
