@@ -31,3 +31,12 @@ def test_compare_writes_csv_table_and_figures(tmp_path):
                 "fig13_ablation"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
     assert (tmp_path / "table.md").read_text().count("\n") == 5
+    # --resume reads finished runs of the same config back instead of running them again
+    before = (tmp_path / "legend-seed0" / "records.jsonl").stat().st_mtime_ns
+    again = run_compare(cfg, ["legend", "fedlora", "legend-wo-ld"], [0], tmp_path, progress=False, resume=True)
+    assert (tmp_path / "legend-seed0" / "records.jsonl").stat().st_mtime_ns == before
+    assert [r["final_accuracy"] for r in again] == [r["final_accuracy"] for r in rows]
+    changed = cfg.model_copy(deep=True)
+    changed.train.lr = cfg.train.lr / 2                                 # another config: runs again
+    run_compare(changed, ["legend"], [0], tmp_path, progress=False, resume=True)
+    assert (tmp_path / "legend-seed0" / "records.jsonl").stat().st_mtime_ns != before

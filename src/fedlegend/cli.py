@@ -67,7 +67,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     cfg = load_config(a.config, _overrides(a))
     print(f"fedlegend compare: {', '.join(methods)} x seeds {seeds} -> {a.out}", file=sys.stderr)
-    run_compare(cfg, methods, seeds, a.out, target=a.target, progress=not a.quiet)
+    run_compare(cfg, methods, seeds, a.out, target=a.target, progress=not a.quiet, resume=a.resume)
     print(f"outputs in {a.out}/: summary.csv table.md fig7/8/11/12(/13) PNGs, one folder per run")
     return 0
 
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated registered methods (default: LEGEND and the paper's three baselines)")
     cmp_.add_argument("--seeds", default="0", help="comma-separated seeds")
     cmp_.add_argument("--out", default="runs/compare", help="output folder")
+    cmp_.add_argument("--resume", action="store_true",
+                      help="reuse runs in --out that finished with the same config (after an interruption)")
     _add_common(cmp_)
     cmp_.set_defaults(func=cmd_compare)
     certs = sub.add_parser("certs", help="TLS certificates for a Flower federation (a private CA + SuperLink cert) "

@@ -20,8 +20,20 @@ CSV_FIELDS = ["method", "seed", "target_accuracy", "final_accuracy", "time_to_ta
               "mean_waiting_s", "virtual_time_s", "wall_clock_s"]
 
 
+def finished_run(run_dir: Path, cfg: Config) -> dict | None:
+    """The summary of a finished run of exactly this config in run_dir, else None (for --resume)."""
+    from .config import dump_config
+
+    summary, config = run_dir / "summary.json", run_dir / "config.toml"
+    if summary.exists() and config.exists() and config.read_text() == dump_config(cfg):
+        return json.loads(summary.read_text())
+    return None
+
+
 def run_compare(cfg: Config, methods: list[str], seeds: list[int], out_dir: str | Path,
-                target: float | None = None, progress: bool = True) -> list[dict]:
+                target: float | None = None, progress: bool = True, resume: bool = False) -> list[dict]:
+    """Every method on every seed; with resume, a run whose folder holds a finished run of the
+    same config is read back instead of run again (a long compare survives an interruption)."""
     from .runner import run_experiment
 
     out = Path(out_dir)
@@ -33,7 +45,8 @@ def run_compare(cfg: Config, methods: list[str], seeds: list[int], out_dir: str 
             run_cfg = cfg.model_copy(deep=True)
             run_cfg.method.name = m
             run_cfg.run.seed = seed
-            summaries[m] = run_experiment(run_cfg, out / f"{m}-seed{seed}", progress=progress)
+            done = finished_run(out / f"{m}-seed{seed}", run_cfg) if resume else None
+            summaries[m] = done or run_experiment(run_cfg, out / f"{m}-seed{seed}", progress=progress)
         rows.extend(rows_for_seed(out, seed, summaries, target))
     write_outputs(out, rows, methods, seeds)
     return rows
