@@ -174,6 +174,12 @@ def test_residual_methods_fold_updates_into_the_weights(name, tmp_path):
     with_res = evaluate(exp.host, out.state, exp.test, 16, exp.pad_id)[1]
     without = evaluate(exp.host, {k: v for k, v in out.state.items() if k not in res_keys}, exp.test, 16, exp.pad_id)[1]
     assert with_res != without                                  # the loss sees the folded update
+    if name == "flora":        # on the wire: the stacked factors, not the dense merged weights
+        from fedlegend.engine.local import plan_round
+        from fedlegend.lora import state_bytes
+        rp = plan_round(exp, 2, out.state, Estimator())
+        lora_head = lambda a: state_bytes({k: v for k, v in a.payload.items() if k not in res_keys})
+        assert all(lora_head(a) < a.download_bytes < state_bytes(a.payload) for a in rp.assignments.values())
     if name == "fedex-lora":   # the dense residual is on the wire every round: more than the LoRA alone
         lora = sum(v.numel() * v.element_size() for k, v in g.items() if "lora_" in k)
         assert out.record["bytes_down"] > 2 * lora

@@ -46,6 +46,7 @@ class Assignment:
     payload: AdapterState
     steps: int
     lr: float
+    download_bytes: int | None = None  # what goes on the wire (Method.download_bytes); None: the payload's size
 
     @property
     def device(self) -> int:
@@ -102,7 +103,8 @@ def plan_round(exp: Experiment, round_: int, global_state: AdapterState, estimat
             continue
         steps = local_steps_for(len(exp.parts[dev]), cfg.train.batch_size, cfg.train.local_steps,
                                 cfg.train.local_epochs)
-        assignments[dev] = Assignment(round_, plan, method.assign(global_state, plan), steps, lr)
+        payload = method.assign(global_state, plan)
+        assignments[dev] = Assignment(round_, plan, payload, steps, lr, method.download_bytes(payload, plan))
     return RoundPlan(round_, lr, devices, assignments, skipped)
 
 
@@ -128,7 +130,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
             events.append({"device": dev, "kind": "skipped", "detail": rp.skipped[dev]})
             continue
         a = rp.assignments[dev]
-        bytes_down += exp.method.download_bytes(a.payload, a.plan)  # the payload was sent whatever came back
+        bytes_down += a.download_bytes if a.download_bytes is not None else state_bytes(a.payload)  # the payload was sent whatever came back
         reply = replies.get(dev)
         if reply is None:
             events.append({"device": dev, "kind": "dropped", "detail": "no reply this round"})
@@ -174,7 +176,9 @@ def run_device(exp: Experiment, a: Assignment) -> DeviceResult | DeviceFailure:
                           weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
     except LocalTrainingError as err:
         return DeviceFailure(dev, "rejected", str(err))
-    down, up = exp.method.download_bytes(a.payload, a.plan), state_bytes(res.state)
+    # the server decided the wire size (a device's own method object holds no server state)
+    down = a.download_bytes if a.download_bytes is not None else state_bytes(a.payload)
+    up = state_bytes(res.state)
     rt = exp.fleet.time(dev, a.round, round_work(exp.spec, a.plan.ranks, res.batch_shapes, down, up))
     report = status_report(dev, rt, a.plan.depth, sum(a.plan.ranks.values()), res.samples)
     return DeviceResult(dev, res, rt, report)
