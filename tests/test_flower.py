@@ -77,11 +77,34 @@ def reply_from(node: int, content: RecordDict, round_: int = 1) -> Message:
     return Message(content=content, metadata=meta)
 
 
+def query_reply(node: int, device: int) -> Message:
+    return reply_from(node, RecordDict({"reply": ConfigRecord({fl.DEVICE_ID_KEY: device})}))
+
+
+class FakeGrid:
+    """The nodes connected now and the device each new one names when queried (no Flower run)."""
+
+    def __init__(self, nodes: dict[int, int]):
+        self.nodes = dict(nodes)
+        self.queried: list[int] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            assert m.metadata.message_type == MessageType.QUERY
+            self.queried.append(m.metadata.dst_node_id)
+            out.append(query_reply(m.metadata.dst_node_id, self.nodes[m.metadata.dst_node_id]))
+        return out
+
+
 def roster_for(strategy, nodes: dict[int, int]):
-    replies = [reply_from(n, RecordDict({"reply": ConfigRecord({fl.DEVICE_ID_KEY: d})})) for n, d in nodes.items()]
+    replies = [query_reply(n, d) for n, d in nodes.items()]
     strategy.roster = fl.build_roster(replies, len(strategy.exp.fleet), set(nodes))
     strategy._pending_events = list(strategy.roster.events)
-    return strategy.roster
+    return FakeGrid(nodes)
 
 
 def test_roster_rejects_unknown_and_duplicate_devices():
@@ -98,9 +121,9 @@ def test_roster_rejects_unknown_and_duplicate_devices():
 def test_bad_replies_rejected_recorded_global_unchanged(exp, flower_identity):
     """Malformed, poisoned, unknown-node and missing replies: all skipped and recorded; adapter kept."""
     strategy = fl.MethodStrategy(exp)
-    roster_for(strategy, {11: 0, 12: 1, 13: 2, 14: 9})
+    grid = roster_for(strategy, {11: 0, 12: 1, 13: 2, 14: 9})
     g = {k: v.clone() for k, v in exp.initial_state.items()}
-    msgs = list(strategy.configure_train(1, fl.state_to_record(g), ConfigRecord(), grid=None))
+    msgs = list(strategy.configure_train(1, fl.state_to_record(g), ConfigRecord(), grid=grid))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12, 13]
     a0, _ = fl.content_to_assignment(next(m for m in msgs if m.metadata.dst_node_id == 11).content)
     a1, _ = fl.content_to_assignment(next(m for m in msgs if m.metadata.dst_node_id == 12).content)
@@ -129,10 +152,10 @@ def test_bad_replies_rejected_recorded_global_unchanged(exp, flower_identity):
 def test_good_reply_aggregates_like_local_engine(exp, flower_identity):
     """One valid reply among bad ones: the result equals the local server side fed that reply alone."""
     strategy = fl.MethodStrategy(exp)
-    roster_for(strategy, {11: 0, 12: 1, 13: 2})
+    grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
     g = exp.initial_state
     msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, fl.state_to_record(g), ConfigRecord(),
-                                                                        grid=None)}
+                                                                        grid=grid)}
     a0, _ = fl.content_to_assignment(msgs[11].content)
     good = run_device(exp, a0)
     wrong_echo = fl.result_to_content(good, 1)                  # node 12 claims to be device 0

@@ -1,46 +1,173 @@
-"""Flower's Deployment Runtime on localhost: SuperLink + 3 SuperNodes, `flwr run`, 2 rounds.
+"""Flower's Deployment Runtime on localhost: a SuperLink and 3 SuperNodes, `flwr run`, 2 rounds of LEGEND.
 
-Opt-in (about 3 minutes per variant on 2 cores: each message starts a ClientApp process that loads
-the model): FEDLEGEND_DEPLOY_TEST=1 python -m pytest tests/test_flower_deploy.py
+test_deployed_federation (default suite, about a minute on 2 idle cores): TLS, SuperNode
+authentication (registered keys; an unregistered key is refused), measured status, a tiny
+random BERT and a small text file, so that what is measured is the federation, not the model.
+Every component runs under a known PID and is stopped at the end, also when the test fails.
+
+Opt-in (FEDLEGEND_DEPLOY_TEST=1): the same federation without TLS, on the real default model
+and data with the fleet model's status and one SuperNode restarted between the rounds (the
+device comes back under a new node id and keeps its estimates).
 """
 
 import json
 import os
+import signal
+import time
 
 import pytest
 
 from fedlegend.deploy import LocalFederation, free_port
 
-pytestmark = pytest.mark.skipif(os.environ.get("FEDLEGEND_DEPLOY_TEST") != "1",
-                                reason="slow: set FEDLEGEND_DEPLOY_TEST=1 to start a local Flower federation")
-
-TINY = "[fleet]\ndevices = 3\n[run]\nrounds = 2\neval_every = 1\n[train]\nlocal_steps = 1\nbatch_size = 4\n" \
-       "[data]\neval_subset = 32\n"
+WORDS = {1: "good great fine lovely superb moving clever charming".split(),
+         0: "bad awful dull boring clumsy tedious weak messy".split()}
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
-def test_slow_deployed_federation_runs_two_rounds(tmp_path, tls):
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """A 4-layer random BERT (hidden 32) with MiniLM's tokenizer, and 400 two-class snippets."""
+    import random
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from fedlegend.assets import resolve_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "tiny-bert"
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6").path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rng = random.Random(0)
+    rows = [{"text": "the film is " + " and ".join(rng.sample(WORDS[y], 3)), "label": y}
+            for y in (0, 1) for _ in range(200)]
+    rng.shuffle(rows)
+    data = root / "snippets.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data
+
+
+def tiny_toml(model_dir, data) -> str:
+    return (f'[model]\nname = "local"\npath = "{model_dir}"\n[data]\nname = "file"\npath = "{data}"\n'
+            "test_size = 40\nmax_length = 16\n[fleet]\ndevices = 3\n[run]\nrounds = 2\neval_every = 1\n"
+            "[train]\nlocal_steps = 2\nbatch_size = 4\nlr = 0.01\n")
+
+
+def gone(pid: int) -> bool:
+    """True when neither the process nor any process of its group (its children) is left."""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def read_records(out):
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def lora_b_norms(out) -> list[float]:
+    from safetensors.torch import load_file
+
+    state = load_file(out / "adapter" / "adapter_model.safetensors")
+    return [float(t.norm()) for k, t in state.items() if "lora_B" in k]
+
+
+def test_deployed_federation(tmp_path, tiny_assets):
+    """TLS + SuperNode auth + measured status: plans differ per device, the adapter changes, records written."""
     from fedlegend.certs import write_certs
 
+    t0 = time.perf_counter()
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY)
+    cfg.write_text(tiny_toml(*tiny_assets))
     out = tmp_path / "out"
-    certs = tmp_path / "certs" if tls else None
-    if certs:
-        write_certs(certs)
-    fed = LocalFederation(tmp_path, free_port(), certs)
+    certs = tmp_path / "certs"
+    write_certs(certs, supernodes=4)  # supernode-3 stays unregistered
+    fed = LocalFederation(tmp_path, free_port(), certs, auth=True)
+    pids: dict[str, int] = {}
     try:
         fed.start(devices=3)
-        assert len(fed.pids) == 4 and all(p.poll() is None for p in fed.procs.values())
-        res = fed.run(cfg, out, timeout=600)
-        log = (tmp_path / "flwr-run.log").read_text(errors="replace")
-        assert res.returncode == 0, log[-3000:]
+        pids = dict(fed.pids)
+        assert set(pids) == {"superlink", *(f"{k}{i}" for k in ("supernode", "worker") for i in range(3))}
+        assert all(p.poll() is None for p in fed.procs.values()) and sorted(fed.node_ids) == [0, 1, 2]
+        t_up = time.perf_counter()
+        res = fed.run(cfg, out, timeout=300, status="measured")
+        t_run = time.perf_counter()
+        assert res.returncode == 0, (tmp_path / "flwr-run.log").read_text(errors="replace")[-3000:]
+        # a SuperNode whose key was never registered is turned away
+        intruder = fed._start("intruder", ["flower-supernode", "--root-certificates", str(certs / "ca.crt"),
+                                           "--auth-supernode-private-key", str(certs / "supernode-3.key"),
+                                           "--superlink", f"127.0.0.1:{fed.port}", "--port", str(free_port()),
+                                           "--isolation", "process", "--node-config", "device-id=0",
+                                           "--max-retries", "0"])
+        pids["intruder"] = intruder.pid
+        assert intruder.wait(timeout=60) != 0
+        assert "Failed to initialize the connection" in (tmp_path / "intruder.log").read_text(errors="replace")
     finally:
         fed.stop()
-    assert all(p.poll() is not None for p in fed.procs.values())
-    recs = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert pids and all(gone(pid) for pid in pids.values()), {n: p for n, p in pids.items() if not gone(p)}
+    recs = read_records(out)
     assert [r["round"] for r in recs] == [1, 2]
-    assert all(r["events"] == [] and len(r["devices"]) == 3 for r in recs)
+    assert all(r["events"] == [] and sorted(d["id"] for d in r["devices"]) == [0, 1, 2] for r in recs)
+    plans = {d["id"]: (tuple(d["layers"]), tuple(d["ranks"])) for d in recs[1]["devices"]}
+    assert len(set(plans.values())) > 1, plans                       # LEGEND planned each device its own way
+    rows = [d for r in recs for d in r["devices"]]
+    assert all(d["compute_s"] > 0 and d["comm_s"] > 0 for d in rows)  # measured: forward/backward and transfers
     assert recs[-1]["accuracy"] is not None and recs[-1]["virtual_time_s"] > recs[0]["virtual_time_s"] > 0
-    for f in ("summary.json", "accuracy_traffic.png", "adapter/adapter_model.safetensors"):
-        assert (out / f).exists(), f
+    assert max(lora_b_norms(out)) > 0                                 # LoRA B starts at zero: the adapter moved
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "legend" and (out / "accuracy_traffic.png").exists()
+    for i in range(3):  # one long-lived worker per SuperNode ran its query and both rounds
+        assert (tmp_path / f"worker{i}.log").read_text(errors="replace").count("completed in") == 3
+    print(f"\nfederation up {t_up - t0:.1f} s, flwr run {t_run - t_up:.1f} s, total {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.skipif(os.environ.get("FEDLEGEND_DEPLOY_TEST") != "1",
+                    reason="slow (about 2 minutes): set FEDLEGEND_DEPLOY_TEST=1")
+def test_slow_deployed_federation_restart(tmp_path):
+    """Insecure, default model and data, fleet status; SuperNode 1 restarts after round 1."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("[fleet]\ndevices = 3\n[run]\nrounds = 3\neval_every = 1\n[train]\nlocal_steps = 1\n"
+                   "batch_size = 4\n[data]\neval_subset = 32\n")
+    out = tmp_path / "out"
+    fed = LocalFederation(tmp_path, free_port())
+    pids: dict[str, int] = {}
+    try:
+        fed.start(devices=3)
+        pids = dict(fed.pids)
+        import subprocess
+        import threading
+
+        result = {}
+        runner = threading.Thread(target=lambda: result.update(res=fed.run(cfg, out, timeout=600, status="fleet")))
+        runner.start()
+        deadline = time.monotonic() + 400
+        while not ((out / "records.jsonl").exists() and read_records(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        fed.stop_node(1)            # graceful: the SuperNode deactivates itself on the SuperLink
+        fed.start_node(1)
+        pids.update(fed.pids)
+        runner.join(timeout=600)
+        res: subprocess.CompletedProcess = result["res"]
+        assert res.returncode == 0, (tmp_path / "flwr-run.log").read_text(errors="replace")[-3000:]
+    finally:
+        fed.stop()
+    assert all(gone(pid) for pid in pids.values())
+    recs = read_records(out)
+    assert [r["round"] for r in recs] == [1, 2, 3]
+    kinds = [(e["kind"], e["device"]) for r in recs for e in r["events"]]
+    assert ("node-left", 1) in kinds and ("rejoined", 1) in kinds, kinds
+    assert sorted(d["id"] for d in recs[-1]["devices"]) == [0, 1, 2]   # device 1 trains again after its restart
+    assert max(lora_b_norms(out)) > 0
+
+
+def test_gone_sees_process_groups():
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    assert not gone(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait()
+    assert gone(proc.pid)

@@ -1,7 +1,11 @@
-"""TLS material for a Flower federation: a private CA and a SuperLink certificate it signs.
+"""TLS and SuperNode-authentication material for a Flower federation.
 
 `fedlegend certs DIR` writes ca.crt / ca.key (keep ca.key private) and server.pem /
 server.key for flower-superlink; SuperNodes and `flwr run` trust ca.crt.
+`--supernodes N` also writes one EC key pair per SuperNode (Flower 1.41 SuperNode
+authentication): supernode-I.key (OpenSSH private key, stays on device I's machine, for
+`flower-supernode --auth-supernode-private-key`) and supernode-I.pub (OpenSSH public key,
+registered on the SuperLink with `flwr supernode register supernode-I.pub LINK`).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from pathlib import Path
+from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -72,8 +77,42 @@ def _write(path: Path, data: bytes, private: bool) -> None:
     path.chmod(0o600 if private else 0o644)
 
 
-def write_certs(out_dir: str | Path, hosts: list[str] | None = None, days: int = 365) -> dict[str, Path]:
-    """ca.crt, ca.key, server.pem, server.key in out_dir; refuses to overwrite an existing CA key."""
+def make_supernode_key() -> tuple[bytes, bytes]:
+    """(private, public) OpenSSH-encoded keys of one SuperNode: EC P-384, a NIST curve as Flower requires."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
+
+
+def supernode_key_paths(out_dir: str | Path, device: int) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    return out / f"supernode-{device}.key", out / f"supernode-{device}.pub"
+
+
+def write_supernode_keys(out_dir: str | Path, devices: Iterable[int]) -> dict[str, Path]:
+    """supernode-I.key / supernode-I.pub for each device I; refuses to overwrite an existing key."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    devices = list(devices)
+    for dev in devices:
+        if (path := supernode_key_paths(out, dev)[0]).exists():
+            raise FileExistsError(f"{path} exists; delete it to make a new key for SuperNode {dev}")
+    files: dict[str, Path] = {}
+    for dev in devices:
+        private, public = make_supernode_key()
+        key_path, pub_path = supernode_key_paths(out, dev)
+        _write(key_path, private, True)
+        _write(pub_path, public, False)
+        files[key_path.name], files[pub_path.name] = key_path, pub_path
+    return files
+
+
+def write_certs(out_dir: str | Path, hosts: list[str] | None = None, days: int = 365,
+                supernodes: int = 0) -> dict[str, Path]:
+    """ca.crt, ca.key, server.pem, server.key (and `supernodes` SuperNode key pairs) in out_dir;
+    refuses to overwrite an existing CA key."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "ca.key").exists():
@@ -86,4 +125,4 @@ def write_certs(out_dir: str | Path, hosts: list[str] | None = None, days: int =
              "server.pem": (cert.public_bytes(pem), False), "server.key": (_key_pem(key), True)}
     for name, (data, private) in files.items():
         _write(out / name, data, private)
-    return {name: out / name for name in files}
+    return {**{name: out / name for name in files}, **write_supernode_keys(out, range(supernodes))}

@@ -3,14 +3,21 @@
 For trying the Deployment Runtime on one machine (scripts/flower-local.py, tests). Each
 component runs in its own session, so stop() ends it and the processes it spawned
 (SuperExec, ClientApp, ServerApp) by its process group, never by name.
+
+isolation="process" (the default here): each SuperNode runs `--isolation process` next to
+one long-lived fedlegend worker (engine/flower_worker.py) that runs its ClientApp tasks,
+so the model is loaded once per device, not once per message. isolation="subprocess":
+Flower's default, a fresh `flwr-clientapp` process per message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,41 +68,124 @@ def write_flwr_config(workdir: Path, port: int, certs: Path | None) -> Path:
     return path
 
 
+ISOLATIONS = ("process", "subprocess")
+
+
 @dataclass
 class LocalFederation:
     workdir: Path
     port: int
     certs: Path | None = None
+    isolation: str = "process"
+    auth: bool = False          # SuperNode authentication: keys supernode-I.key/.pub in `certs`
+    threads_per_worker: int = 1
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    node_ports: dict[int, int] = field(default_factory=dict)
+    node_ids: dict[int, int] = field(default_factory=dict)  # device -> node id the SuperLink registered (auth)
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {ISOLATIONS}, not {self.isolation!r}")
+        if self.auth and self.certs is None:
+            raise ValueError("SuperNode authentication needs TLS: give the `fedlegend certs` folder")
 
     @property
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.procs.items()}
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=flwr_env(self.workdir),
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "ab")  # appended: a restarted node keeps its earlier log
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**flwr_env(self.workdir), **(env or {})},
                                 cwd=self.workdir, start_new_session=True)
         log.close()
         self.procs[name] = proc
         return proc
 
     def start(self, devices: int, timeout: float = 60.0) -> "LocalFederation":
-        sl = self._start("superlink", ["flower-superlink", *tls_args(self.certs, True), "--port", str(self.port),
+        """The SuperLink, then all SuperNodes at once; returns when every one listens.
+
+        Workers (process isolation) start first: they import the ClientApp while the SuperLink
+        comes up and the keys are registered, and connect once their SuperNode listens."""
+        auth = ["--enable-supernode-auth"] if self.auth else []
+        sl = self._start("superlink", ["flower-superlink", *tls_args(self.certs, True), *auth, "--port", str(self.port),
                                        "--disable-runtime-dependency-installation"])
-        wait_for_port(self.port, timeout, sl)
-        for dev in range(devices):
-            node_port = free_port()
-            sn = self._start(f"supernode{dev}", ["flower-supernode", *tls_args(self.certs, False),
-                                                 "--superlink", f"127.0.0.1:{self.port}", "--port", str(node_port),
-                                                 "--node-config", f"device-id={dev}"])
-            wait_for_port(node_port, timeout, sn)
         write_flwr_config(self.workdir, self.port, self.certs)
+        for dev in range(devices):
+            self.start_worker(dev)
+        wait_for_port(self.port, timeout, sl)
+        if self.auth:
+            self.register(range(devices), timeout)
+        for dev in range(devices):
+            self.start_node(dev, timeout, wait=False, worker=False)
+        for dev in range(devices):
+            wait_for_port(self.node_ports[dev], timeout, self.procs[f"supernode{dev}"])
         return self
 
-    def run(self, config: Path, out: Path, timeout: float = 900.0, app_dir: Path = APP_DIR) -> subprocess.CompletedProcess:
+    def register(self, devices, timeout: float = 60.0) -> dict[int, int]:
+        """Register supernode-I.pub for each device I on the SuperLink (SuperNode authentication).
+
+        What `flwr supernode register DIR/supernode-I.pub local` does, over the same Control API
+        client, in this process: one Flower CLI start-up instead of one per key."""
+        from flwr.cli.supernode.register import try_load_public_key
+        from flwr.cli.typing import SuperLinkConnection
+        from flwr.cli.utils import init_http_client_from_connection
+        from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
+
+        from .certs import supernode_key_paths
+
+        conn = SuperLinkConnection("local", f"127.0.0.1:{self.port}", str(self.certs / "ca.crt"))
+        with _env(FLWR_HOME=str(self.workdir / "flwr-home"), FLWR_TELEMETRY_ENABLED="0"):
+            client = init_http_client_from_connection(conn)
+            try:
+                for dev in devices:
+                    key = try_load_public_key(supernode_key_paths(self.certs, dev)[1])
+                    res = client.RegisterNode(RegisterNodeRequest(public_key=key, name=f"device-{dev}"))
+                    if not res.node_id:
+                        raise RuntimeError(f"the SuperLink did not register SuperNode {dev}'s key")
+                    self.node_ids[dev] = int(res.node_id)
+            finally:
+                client.close()
+        return self.node_ids
+
+    def start_node(self, dev: int, timeout: float = 60.0, wait: bool = True, worker: bool = True) -> None:
+        """SuperNode `device-id=dev` (and its worker in process isolation); again after stop_node(dev)."""
+        node_port = self.node_ports.setdefault(dev, free_port())
+        sn = self._start(f"supernode{dev}", ["flower-supernode", *tls_args(self.certs, False),
+                                             *self.auth_args(dev), "--superlink", f"127.0.0.1:{self.port}",
+                                             "--port", str(node_port), "--isolation", self.isolation,
+                                             "--node-config", f"device-id={dev}"])
+        if worker:
+            self.start_worker(dev)
+        if wait:
+            wait_for_port(node_port, timeout, sn)
+
+    def start_worker(self, dev: int) -> None:
+        """In process isolation, the long-lived ClientApp worker of device `dev`'s SuperNode; it
+        imports the ClientApp at once and serves the SuperNode as soon as it listens. One torch
+        thread each: the devices share this machine's cores."""
+        if self.isolation != "process":
+            return
+        node_port = self.node_ports.setdefault(dev, free_port())
+        self._start(f"worker{dev}", [sys.executable, "-m", "fedlegend.engine.flower_worker",
+                                     "--runtime-api-address", f"127.0.0.1:{node_port}", "--insecure",
+                                     "--preload", "fedlegend.engine.flower_app"],
+                    {"OMP_NUM_THREADS": str(self.threads_per_worker)})
+
+    def auth_args(self, dev: int) -> list[str]:
+        from .certs import supernode_key_paths
+
+        return ["--auth-supernode-private-key", str(supernode_key_paths(self.certs, dev)[0])] if self.auth else []
+
+    def stop_node(self, dev: int, grace_s: float = 10.0) -> None:
+        """Stop device `dev`'s SuperNode and worker (a device leaving the federation)."""
+        for name in (f"worker{dev}", f"supernode{dev}"):
+            if name in self.procs:
+                _stop([self.procs.pop(name)], grace_s)
+
+    def run(self, config: Path, out: Path, timeout: float = 900.0, app_dir: Path = APP_DIR,
+            status: str = "measured") -> subprocess.CompletedProcess:
         """`flwr run` of the fedlegend app with `config`, streaming its log into workdir/flwr-run.log."""
-        run_config = f"config='{config}' out='{out}'"
+        run_config = f"config='{config}' out='{out}' status='{status}'"
         with open(self.workdir / "flwr-run.log", "wb") as log:
             return subprocess.run(["flwr", "run", str(app_dir), "local", "--run-config", run_config, "--stream"],
                                   stdout=log, stderr=subprocess.STDOUT, env=flwr_env(self.workdir),
@@ -103,15 +193,33 @@ class LocalFederation:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM each component's process group (SuperNodes first), then SIGKILL what is left."""
-        for name in reversed(list(self.procs)):
-            _signal_group(self.procs[name], signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait(timeout=5)
+        _stop(list(reversed(self.procs.values())), grace_s)
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    for proc in procs:
+        _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=5)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

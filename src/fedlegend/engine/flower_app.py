@@ -7,6 +7,8 @@ Run config keys (pyproject [tool.flwr.app.config], or `flwr run --run-config`):
   config      a fedlegend TOML file on the SuperLink's machine ("" = defaults)
   out         the output folder on the SuperLink's machine
   round-timeout-s  seconds to wait for a round's replies before counting a device as dropped
+  status      "measured" (default: the devices' own timing, see engine/flower.py) or "fleet"
+              (the fleet's cost model, virtual seconds, as in simulation)
 Each SuperNode plays the device named by its node config: --node-config 'device-id=N'.
 """
 
@@ -22,10 +24,10 @@ client_app = make_client_app()
 server_app = ServerApp()
 
 
-def run_on_grid(grid: Grid, round_timeout_s: float):
+def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured"):
     """An engine function for runner.run_experiment: the rounds over `grid`'s SuperNodes."""
     def engine(exp, on_record=None, progress=False):
-        strategy = MethodStrategy(exp, on_record)
+        strategy = MethodStrategy(exp, on_record, status=status)
         strategy.run(grid, round_timeout_s)
         return strategy.state, strategy.records
     return engine
@@ -37,5 +39,5 @@ def main(grid: Grid, context: Context) -> None:
 
     rc = context.run_config
     cfg = load_config(str(rc["config"]) if rc.get("config") else None, {"run.engine": "flower"})
-    run_experiment(cfg, str(rc.get("out", "runs/flower-deploy")), progress=False,
-                   engine=run_on_grid(grid, float(rc.get("round-timeout-s", 600.0))))
+    engine = run_on_grid(grid, float(rc.get("round-timeout-s", 600.0)), str(rc.get("status", "measured")))
+    run_experiment(cfg, str(rc.get("out", "runs/flower-deploy")), progress=False, engine=engine)
