@@ -17,7 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedlegend.config import build_config  # noqa: E402
 from fedlegend.engine import flower as fl  # noqa: E402
-from fedlegend.engine.local import finish_round, plan_round, run_device, run_local  # noqa: E402
+from fedlegend.engine.local import finish_round, plan_round, run_device, run_local, status_report  # noqa: E402
 from fedlegend.experiment import build_experiment  # noqa: E402
 from fedlegend.methods.base import Estimator  # noqa: E402
 
@@ -202,3 +202,179 @@ def test_client_refuses_plan_for_another_device(flower_identity):
                                    state=RecordDict(), run_config={})) == 2
     with pytest.raises(ValueError, match="device-id"):
         fl.device_id_of(Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={}))
+
+
+# ------------------------------------------------------------------ faults across rounds
+def run_round_on(strategy, grid, round_, drop=(), tamper=None):
+    """configure_train -> each device trains (run_device) -> replies (minus `drop` devices) -> aggregate."""
+    exp = strategy.exp
+    msgs = list(strategy.configure_train(round_, fl.state_to_record(strategy.state), ConfigRecord(), grid=grid))
+    replies = []
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"m{round_}-{i}"   # what the Grid does when it pushes
+        a, _ = fl.content_to_assignment(m.content)
+        if a.device in drop:
+            continue
+        content = fl.result_to_content(run_device(exp, a), round_)
+        replies.append(reply_from(m.metadata.dst_node_id, tamper(a.device, content) if tamper else content, round_))
+    arrays, _ = strategy.aggregate_train(round_, replies)
+    strategy.evaluate_round(round_, arrays)
+    return msgs, strategy.records[-1]
+
+
+def plan_of(msgs, device):
+    for m in msgs:
+        a, _ = fl.content_to_assignment(m.content)
+        if a.device == device:
+            return m.metadata.dst_node_id, a.plan.layers, a.plan.ranks
+    return None
+
+
+def test_restarted_supernode_keeps_its_device_and_estimates(exp, flower_identity):
+    """Node 12 (device 1) leaves after round 1 and comes back as node 22: device 1's estimates carry over."""
+    ref, restarted = fl.MethodStrategy(exp), fl.MethodStrategy(exp)
+    ref_grid, grid = roster_for(ref, {11: 0, 12: 1, 13: 2}), roster_for(restarted, {11: 0, 12: 1, 13: 2})
+    run_round_on(ref, ref_grid, 1)
+    run_round_on(restarted, grid, 1)
+    assert ref.estimator.estimates.keys() == restarted.estimator.estimates.keys() == {0, 1, 2}
+    del grid.nodes[12]
+    grid.nodes[22] = 1
+    ref_msgs, ref_rec = run_round_on(ref, ref_grid, 2)
+    msgs, rec = run_round_on(restarted, grid, 2)
+    assert grid.queried == [22]                               # only the new node is asked who it is
+    assert plan_of(msgs, 1) == (22, *plan_of(ref_msgs, 1)[1:])  # same plan as without the restart, to node 22
+    assert [(e["kind"], e["device"]) for e in rec["events"]] == [("node-left", 1), ("rejoined", 1)]
+    assert rec["devices"] == ref_rec["devices"] and sorted(d["id"] for d in rec["devices"]) == [0, 1, 2]
+    for k in ref.state:
+        torch.testing.assert_close(restarted.state[k], ref.state[k], atol=0, rtol=0)
+
+
+def test_device_gone_between_rounds_then_back(exp, flower_identity):
+    """Device 2's node leaves: round 2 goes on without it (dropped); its next node gets it back in round 3."""
+    strategy = fl.MethodStrategy(exp)
+    grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
+    run_round_on(strategy, grid, 1)
+    del grid.nodes[13]
+    msgs, rec = run_round_on(strategy, grid, 2)
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
+    assert [(e["kind"], e["device"]) for e in rec["events"]] == [("dropped", 2), ("node-left", 2)]
+    assert sorted(d["id"] for d in rec["devices"]) == [0, 1]
+    assert all(torch.isfinite(t).all() for t in strategy.state.values())
+    grid.nodes[33] = 2
+    msgs, rec = run_round_on(strategy, grid, 3)
+    assert plan_of(msgs, 2)[0] == 33 and [(e["kind"], e["device"]) for e in rec["events"]] == [("rejoined", 2)]
+    assert sorted(d["id"] for d in rec["devices"]) == [0, 1, 2]
+
+
+def test_second_claim_waits_until_the_device_is_free(exp, flower_identity):
+    """A node that names a device another connected node plays is held back; it takes over when that node leaves."""
+    strategy = fl.MethodStrategy(exp)
+    grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
+    grid.nodes[14] = 1
+    msgs, rec = run_round_on(strategy, grid, 1)
+    assert plan_of(msgs, 1)[0] == 12 and strategy.roster.waiting == {14: 1}
+    assert [(e["kind"], e["device"]) for e in rec["events"]] == [("unknown-device", 1)]
+    del grid.nodes[12]
+    msgs, rec = run_round_on(strategy, grid, 2)
+    assert plan_of(msgs, 1)[0] == 14 and grid.queried.count(14) == 1
+    assert [(e["kind"], e["device"]) for e in rec["events"]] == [("node-left", 1), ("rejoined", 1)]
+
+
+def test_disconnect_mid_round_superlink_error_reply(exp, flower_identity):
+    """A node that disconnects mid-round: the SuperLink answers for it (src node 0, NODE_UNAVAILABLE);
+    the round completes with the others and records the device as dropped."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    strategy = fl.MethodStrategy(exp)
+    grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
+    g = {k: v.clone() for k, v in strategy.state.items()}
+    msgs = list(strategy.configure_train(1, fl.state_to_record(g), ConfigRecord(), grid=grid))
+    replies = []
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"m{i}"
+        a, _ = fl.content_to_assignment(m.content)
+        if a.device == 1:
+            meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=0, reply_to_message_id=f"m{i}",
+                            group_id="1", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
+            replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node went away"), metadata=meta))
+        else:
+            replies.append(reply_from(m.metadata.dst_node_id, fl.result_to_content(run_device(exp, a), 1)))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    strategy.evaluate_round(1, arrays)
+    rec = strategy.records[0]
+    assert [(e["kind"], e["device"]) for e in rec["events"]] == [("dropped", 1)]
+    assert "node went away" in rec["events"][0]["detail"]
+    assert sorted(d["id"] for d in rec["devices"]) == [0, 2] and set(strategy.estimator.estimates) == {0, 2}
+    assert any(not torch.equal(strategy.state[k], g[k]) for k in g)
+    assert all(torch.isfinite(t).all() for t in strategy.state.values())
+
+
+def test_simulation_refuses_measured_status(exp):
+    with pytest.raises(ValueError, match="virtual clock"):
+        fl.simulate(fl.MethodStrategy(exp, status="measured"))
+    with pytest.raises(ValueError, match="status"):
+        fl.MethodStrategy(exp, status="wall")
+
+
+# ------------------------------------------------------------------ measured status
+def test_measured_round_time_same_clock():
+    rt, agreed = fl.measured_round_time(sent_at=100.0, arrived_at=110.0, recv_at=101.5, done_at=107.0,
+                                        forward_s=1.0, backward_s=3.0, bytes_down=4000, bytes_up=1000)
+    assert agreed and (rt.download_s, rt.forward_s, rt.backward_s, rt.upload_s) == (1.5, 1.0, 3.0, 3.0)
+    rep = status_report(7, rt, depth=3, rank_sum=12, samples=8)
+    assert (rep.fixed_s, rep.backward_per_layer_s, rep.upload_per_rank_s) == (2.5, 1.0, 0.25)
+
+
+def test_measured_round_time_skewed_clocks_split_by_bytes():
+    """The device's clock runs 1000 s ahead: the server's wait beyond the device's busy time is split by bytes."""
+    rt, agreed = fl.measured_round_time(sent_at=100.0, arrived_at=110.0, recv_at=1101.5, done_at=1107.0,
+                                        forward_s=1.0, backward_s=3.0, bytes_down=4000, bytes_up=1000)
+    assert not agreed
+    assert rt.download_s == pytest.approx(4.5 * 0.8) and rt.upload_s == pytest.approx(4.5 * 0.2)
+    rt, _ = fl.measured_round_time(100.0, 101.0, 0.0, 5.0, 1.0, 3.0, 0, 0)   # busy longer than the wait: no comm
+    assert rt.download_s == rt.upload_s == 0.0
+
+
+def test_forward_timer_counts_forward_passes_only():
+    lin = torch.nn.Linear(4, 4)
+    with fl.ForwardTimer(lin) as t:
+        for _ in range(3):
+            lin(torch.ones(2, 4)).sum().backward()
+    assert t.seconds > 0 and not lin._forward_hooks and not lin._forward_pre_hooks
+    before = t.seconds
+    lin(torch.ones(2, 4))
+    assert t.seconds == before
+
+
+def test_measured_reply_end_to_end(exp, flower_identity, monkeypatch):
+    """Device side stamps its reply; the server turns stamps + its own send/arrival times into the record."""
+    strategy = fl.MethodStrategy(exp, status="measured")
+    grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
+    monkeypatch.setattr(fl._DEVICE_SIDE, "_key", fl.config_hash(strategy.config_toml))
+    monkeypatch.setattr(fl._DEVICE_SIDE, "_exp", exp)
+    msgs = list(strategy.configure_train(1, fl.state_to_record(exp.initial_state), ConfigRecord(), grid=grid))
+    timed = fl.TimedGrid(grid)
+    strategy._grid = timed
+    replies = []
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = mid = f"m{i}"
+        assert m.content["plan"]["status"] == "measured"
+        timed.sent_at[mid] = __import__("time").time()
+        ctx = Context(run_id=1, node_id=m.metadata.dst_node_id, state=RecordDict(), run_config={},
+                      node_config={"device-id": fl.content_to_assignment(m.content)[0].device})
+        reply = fl.handle_train(m, ctx)
+        metrics = reply.content["metrics"]
+        assert metrics["forward_s"] > 0 and metrics["backward_s"] > 0 and metrics["recv-at"] <= metrics["done-at"]
+        timed.arrived_at[mid] = metrics["done-at"] + 0.5
+        replies.append(reply_from(m.metadata.dst_node_id, reply.content))
+    replies[0].content["metrics"].pop("done-at")                 # a measured reply without its stamps
+    arrays, _ = strategy.aggregate_train(1, replies)
+    strategy.evaluate_round(1, arrays)
+    rec = strategy.records[0]
+    bad = fl.content_to_assignment(msgs[0].content)[0].device
+    assert [(e["kind"], e["device"]) for e in rec["events"]] == [("malformed", bad)]
+    for row in rec["devices"]:
+        rt_up = row["comm_s"]
+        assert rt_up >= 0.5 and row["compute_s"] > 0
+    assert strategy.clock_mismatch == 0 and len(strategy.estimator.estimates) == 2
