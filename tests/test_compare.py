@@ -40,3 +40,15 @@ def test_compare_writes_csv_table_and_figures(tmp_path):
     changed.train.lr = cfg.train.lr / 2                                 # another config: runs again
     run_compare(changed, ["legend"], [0], tmp_path, progress=False, resume=True)
     assert (tmp_path / "legend-seed0" / "records.jsonl").stat().st_mtime_ns != before
+
+
+def test_resume_ignores_sections_of_other_methods():
+    import tomllib
+    from fedlegend.compare import run_relevant
+    from fedlegend.config import dump_config
+
+    a = build_config({}, {"method.name": "fedlora"})
+    b = build_config({}, {"method.name": "fedlora", "method.hetlora.rank_max": 4})
+    c = build_config({}, {"method.name": "fedlora", "method.fedlora.rank": 4})
+    rel = lambda cfg: run_relevant(tomllib.loads(dump_config(cfg)))
+    assert rel(a) == rel(b) and rel(a) != rel(c)

@@ -20,14 +20,31 @@ CSV_FIELDS = ["method", "seed", "target_accuracy", "final_accuracy", "time_to_ta
               "mean_waiting_s", "virtual_time_s", "wall_clock_s"]
 
 
+def run_relevant(config: dict) -> dict:
+    """A config (parsed TOML) without the [method.*] sections its method does not read: a run
+    stays the same run when another method's defaults change or a new method is added."""
+    from .methods import METHODS
+
+    method = dict(config.get("method", {}))
+    reg = METHODS.get(method.get("name"))
+    keep = {"name": method.get("name")}
+    if reg is not None:
+        keep[reg.section] = method.get(reg.section)
+    return {**config, "method": keep}
+
+
 def finished_run(run_dir: Path, cfg: Config) -> dict | None:
-    """The summary of a finished run of exactly this config in run_dir, else None (for --resume)."""
+    """The summary of a finished run of this config in run_dir, else None (for --resume)."""
+    import tomllib
+
     from .config import dump_config
 
     summary, config = run_dir / "summary.json", run_dir / "config.toml"
-    if summary.exists() and config.exists() and config.read_text() == dump_config(cfg):
-        return json.loads(summary.read_text())
-    return None
+    if not (summary.exists() and config.exists()):
+        return None
+    if run_relevant(tomllib.loads(config.read_text())) != run_relevant(tomllib.loads(dump_config(cfg))):
+        return None
+    return json.loads(summary.read_text())
 
 
 def run_compare(cfg: Config, methods: list[str], seeds: list[int], out_dir: str | Path,
