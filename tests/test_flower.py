@@ -22,6 +22,16 @@ from fedlegend.experiment import build_experiment  # noqa: E402
 from fedlegend.methods.base import Estimator  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread here, as in each Ray worker: on a busy 2-core machine two OpenMP threads
+    per process made a training step 20-30 times slower. Restored for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_cfg(**over):
     base = {"fleet.devices": 3, "run.rounds": 2, "train.local_steps": 1, "train.batch_size": 4,
             "data.eval_subset": 32, "run.eval_every": 1, "run.target_accuracy": 0.5, "method.name": "legend"}

@@ -182,14 +182,17 @@ class LocalFederation:
             if name in self.procs:
                 _stop([self.procs.pop(name)], grace_s)
 
+    def run_args(self, config: Path, out: Path, status: str = "measured", app_dir: Path = APP_DIR) -> list[str]:
+        """The `flwr run` command line of the fedlegend app with `config` on this federation."""
+        run_config = f"config='{config}' out='{out}' status='{status}'"
+        return ["flwr", "run", str(app_dir), "local", "--run-config", run_config, "--stream"]
+
     def run(self, config: Path, out: Path, timeout: float = 900.0, app_dir: Path = APP_DIR,
             status: str = "measured") -> subprocess.CompletedProcess:
         """`flwr run` of the fedlegend app with `config`, streaming its log into workdir/flwr-run.log."""
-        run_config = f"config='{config}' out='{out}' status='{status}'"
         with open(self.workdir / "flwr-run.log", "wb") as log:
-            return subprocess.run(["flwr", "run", str(app_dir), "local", "--run-config", run_config, "--stream"],
-                                  stdout=log, stderr=subprocess.STDOUT, env=flwr_env(self.workdir),
-                                  timeout=timeout, check=False)
+            return subprocess.run(self.run_args(config, out, status, app_dir), stdout=log, stderr=subprocess.STDOUT,
+                                  env=flwr_env(self.workdir), timeout=timeout, check=False)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM each component's process group (SuperNodes first), then SIGKILL what is left."""

@@ -568,6 +568,9 @@ class MethodStrategy(Strategy):
         rt, agreed = measured_round_time(grid.sent_at[mid], grid.arrived_at[mid], *stamps, res.time.forward_s,
                                          res.time.backward_s, state_bytes(a.payload), state_bytes(res.local.state))
         self.clock_mismatch += not agreed
+        log(INFO, "fedlegend: round %d device %d measured download %.3f forward %.3f backward %.3f upload %.3f s%s",
+            self._round.round, dev, rt.download_s, rt.forward_s, rt.backward_s, rt.upload_s,
+            "" if agreed else " (clocks disagree: comm split by bytes)")
         report = status_report(dev, rt, a.plan.depth, sum(a.plan.ranks.values()), res.local.samples)
         return replace(res, time=rt, report=report)
 
