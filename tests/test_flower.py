@@ -192,6 +192,9 @@ def test_wire_round_trip(exp):
     back, toml = fl.content_to_assignment(fl.assignment_to_content(a, "x = 1\n"))
     assert back.plan.ranks == plan.ranks and (back.round, back.steps, back.lr) == (1, 2, 0.001) and toml == "x = 1\n"
     assert all(torch.equal(back.payload[k], payload[k]) for k in payload)
+    assert back.download_bytes is None
+    sized = fl.content_to_assignment(fl.assignment_to_content(Assignment(1, plan, payload, 2, 0.001, 1234), ""))[0]
+    assert sized.download_bytes == 1234     # the server's wire size (FLoRA) reaches the device's cost model
     res = run_device(exp, a)
     parsed = fl.content_to_result(fl.result_to_content(res, 1), 1, 1)
     assert parsed.time == res.time and parsed.report == res.report and parsed.local.batch_shapes == res.local.batch_shapes

@@ -85,6 +85,8 @@ def assignment_to_content(a: Assignment, config_toml: str, status: str = "fleet"
     plan = ConfigRecord({DEVICE_ID_KEY: a.device, "round": a.round, "status": status, "layers": a.plan.layers,
                          "ranks": [a.plan.ranks[l] for l in a.plan.layers], "lr": float(a.lr), "steps": a.steps,
                          "frozen": ",".join(a.plan.extras.get("frozen", ())),   # e.g. FFA-LoRA's lora_A
+                         # the wire size the server's method decided (FLoRA: stacks, not dense weights)
+                         "download-bytes": -1 if a.download_bytes is None else int(a.download_bytes),
                          "config": config_toml, "config-hash": config_hash(config_toml)})
     return RecordDict({"payload": state_to_record(a.payload), "plan": plan})
 
@@ -118,8 +120,9 @@ def content_to_assignment(content: RecordDict) -> tuple[Assignment, str]:
     frozen = tuple(p for p in str(plan.get("frozen", "")).split(",") if p)
     lora = LoraPlan(dev, {int(l): int(r) for l, r in zip(layers, ranks)}, {"frozen": frozen} if frozen else {})
     payload = record_to_state(_record(content, "payload", ArrayRecord))
+    down = int(plan.get("download-bytes", -1))
     a = Assignment(_get(plan, "round", int, "plan"), lora, payload, _get(plan, "steps", int, "plan"),
-                   float(_get(plan, "lr", (int, float), "plan")))
+                   float(_get(plan, "lr", (int, float), "plan")), None if down < 0 else down)
     return a, config_toml
 
 
