@@ -391,3 +391,31 @@ def test_measured_reply_end_to_end(exp, flower_identity, monkeypatch):
         rt_up = row["comm_s"]
         assert rt_up >= 0.5 and row["compute_s"] > 0
     assert strategy.clock_mismatch == 0 and len(strategy.estimator.estimates) == 2
+
+
+@pytest.mark.parametrize("name", ["flora", "fedadapter", "hierfedlora"])
+def test_other_hosts_and_schedules_on_the_flower_strategy(name, flower_identity):
+    """Every kind of method through Flower's messages: a residual in the payload and a wire size
+    (FLoRA), bottleneck adapters (FedAdapter), devices idle in a round and a parallel group clock
+    (HierFedLoRA). Two rounds give the same records and global state as the local engine."""
+    import copy
+    import dataclasses
+
+    from fedlegend.engine.local import run_round
+
+    exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 3}))
+    local = dataclasses.replace(exp, method=copy.deepcopy(exp.method))   # same host, its own method state
+    state, est, local_recs = local.initial_state, Estimator(local.method.rho), []
+    for h in (1, 2):
+        out = run_round(local, h, state, est)
+        state = out.state
+        local_recs.append(out.record)
+    strategy = fl.MethodStrategy(exp)
+    grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
+    flower_recs = [run_round_on(strategy, grid, h)[1] for h in (1, 2)]
+    for lr, fr in zip(local_recs, flower_recs):
+        assert fr["devices"] == lr["devices"] and fr["events"] == lr["events"]
+        assert (fr["bytes_down"], fr["bytes_up"], fr["round_time_s"]) == (lr["bytes_down"], lr["bytes_up"], lr["round_time_s"])
+    assert set(strategy.state) == set(state)
+    for k in state:
+        torch.testing.assert_close(strategy.state[k], state[k], atol=1e-6, rtol=1e-5)
