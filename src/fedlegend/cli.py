@@ -50,7 +50,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     out = a.out or f"runs/{cfg.method.name}-seed{cfg.run.seed}"
     print(f"fedlegend run: {cfg.method.name} on {cfg.model.name} / {cfg.data.name}, {cfg.fleet.devices} devices, "
           f"{cfg.run.rounds} rounds, {cfg.run.engine} engine -> {out}", file=sys.stderr)
-    summary = run_experiment(cfg, out, progress=not a.quiet)
+    summary = run_experiment(cfg, out, progress=not a.quiet, resume=a.resume)
     print(format_summary(summary))
     print(f"outputs in {out}/: records.jsonl summary.json config.toml accuracy_traffic.png adapter/")
     return 0
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run.add_argument("--method", help=f"registered method: legend (default), {', '.join(sorted(set(METHODS) - {'legend'}))}")
     run.add_argument("--out", help="output folder (default runs/METHOD-seedSEED)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run of the same config in --out from its last round (checkpoint.pt)")
     _add_common(run)
     run.set_defaults(func=cmd_run)
     cmp_ = sub.add_parser("compare", help="run several methods on the same partitions, seeds and fleet")
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--seeds", default="0", help="comma-separated seeds")
     cmp_.add_argument("--out", default="runs/compare", help="output folder")
     cmp_.add_argument("--resume", action="store_true",
-                      help="reuse runs in --out that finished with the same config (after an interruption)")
+                      help="reuse runs in --out that finished with the same config and continue unfinished ones "
+                           "from their last round (after an interruption)")
     _add_common(cmp_)
     cmp_.set_defaults(func=cmd_compare)
     certs = sub.add_parser("certs", help="TLS certificates for a Flower federation (a private CA + SuperLink cert) "

@@ -50,7 +50,8 @@ def finished_run(run_dir: Path, cfg: Config) -> dict | None:
 def run_compare(cfg: Config, methods: list[str], seeds: list[int], out_dir: str | Path,
                 target: float | None = None, progress: bool = True, resume: bool = False) -> list[dict]:
     """Every method on every seed; with resume, a run whose folder holds a finished run of the
-    same config is read back instead of run again (a long compare survives an interruption)."""
+    same config is read back instead of run again, and an unfinished one continues from its
+    last round's checkpoint (a long compare survives an interruption)."""
     from .runner import run_experiment
 
     out = Path(out_dir)
@@ -63,7 +64,7 @@ def run_compare(cfg: Config, methods: list[str], seeds: list[int], out_dir: str 
             run_cfg.method.name = m
             run_cfg.run.seed = seed
             done = finished_run(out / f"{m}-seed{seed}", run_cfg) if resume else None
-            summaries[m] = done or run_experiment(run_cfg, out / f"{m}-seed{seed}", progress=progress)
+            summaries[m] = done or run_experiment(run_cfg, out / f"{m}-seed{seed}", progress=progress, resume=resume)
         rows.extend(rows_for_seed(out, seed, summaries, target))
     write_outputs(out, rows, methods, seeds)
     return rows

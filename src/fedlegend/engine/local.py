@@ -20,7 +20,7 @@ from ..client import LocalResult, LocalTrainingError, evaluate, local_steps_for,
 from ..devices import RoundTime, round_work
 from ..experiment import Experiment
 from ..lora import AdapterState, state_bytes
-from ..methods.base import (DeviceUpdate, Estimator, LoraPlan, StatusReport, UpdateRejected, check_update,
+from ..methods.base import (DeviceUpdate, Estimate, Estimator, LoraPlan, StatusReport, UpdateRejected, check_update,
                             trained_part)
 
 
@@ -200,17 +200,44 @@ def record_round(exp: Experiment, round_: int, clock: float, state: AdapterState
     return rec
 
 
+@dataclass
+class Snapshot:
+    """Everything the local loop carries from one round to the next, after round `round`: with it
+    the remaining rounds run exactly as they would have without a stop (every random draw of a
+    round is keyed by (seed, device, round), so nothing else needs saving)."""
+    round: int
+    clock: float
+    state: AdapterState
+    estimates: dict[int, Estimate]
+    method: dict
+    records: list[dict]
+
+
 def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
-              progress: bool = True) -> tuple[AdapterState, list[dict]]:
-    """All rounds; evaluates every `eval_every` rounds and at the last. Returns the final state."""
+              progress: bool = True, resume: Snapshot | None = None,
+              on_snapshot: Callable[[Snapshot], None] | None = None) -> tuple[AdapterState, list[dict]]:
+    """All rounds; evaluates every `eval_every` rounds and at the last. Returns the final state.
+
+    `on_snapshot` gets the loop's state after every round (the runner saves it as a checkpoint);
+    `resume` starts after the snapshot's round, replaying its records through `on_record` first."""
     from tqdm.auto import tqdm
 
     cfg = exp.cfg
     estimator = Estimator(exp.method.rho)
-    state = exp.initial_state
-    records: list[dict] = []
-    clock = 0.0
-    bar = tqdm(range(1, cfg.run.rounds + 1), desc=exp.method.name, unit="round", disable=not progress)
+    state, records, clock, first = exp.initial_state, [], 0.0, 1
+    if resume is not None:
+        if not 1 <= resume.round <= cfg.run.rounds:
+            raise ValueError(f"snapshot after round {resume.round} does not fit a run of {cfg.run.rounds} rounds; "
+                             "start the run afresh (without resume)")
+        state, clock, first = dict(resume.state), resume.clock, resume.round + 1
+        records = [dict(r) for r in resume.records]
+        estimator.estimates = dict(resume.estimates)
+        exp.method.load_state_dict(resume.method)
+        for rec in records:
+            if on_record:
+                on_record(rec)
+    bar = tqdm(range(first, cfg.run.rounds + 1), desc=exp.method.name, unit="round", disable=not progress,
+               initial=first - 1, total=cfg.run.rounds)
     for h in bar:
         out = run_round(exp, h, state, estimator)
         state = out.state
@@ -221,4 +248,6 @@ def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
         records.append(rec)
         if on_record:
             on_record(rec)
+        if on_snapshot:
+            on_snapshot(Snapshot(h, clock, state, dict(estimator.estimates), exp.method.state_dict(), list(records)))
     return state, records

@@ -7,6 +7,7 @@ same object runs under the local loop and under Flower.
 from __future__ import annotations
 
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -190,6 +191,17 @@ class Method(ABC):
         """Bytes a device downloads for its payload. Default: every tensor of the payload; a
         method whose devices could rebuild part of it from less (FLoRA) says what goes on the wire."""
         return state_bytes(payload)
+
+    def state_dict(self) -> dict:
+        """The server-side state the method carries from round to round (for a checkpoint): a copy
+        of every attribute but the immutable context. A method holding something a deep copy
+        cannot capture overrides this and load_state_dict."""
+        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "ctx"})
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned, so the next round plans as the uninterrupted run would
+        (attributes set lazily, e.g. by the first plan(), come back too)."""
+        vars(self).update(copy.deepcopy(state))
 
     def observe_round(self, round_: int, rows: list[dict]) -> None:
         """What the server saw of the round's accepted devices (their record rows: id, loss, time_s,

@@ -1,0 +1,96 @@
+"""A run stopped after any round and resumed from its checkpoint ends exactly as the uninterrupted run."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from fedlegend import runner
+from fedlegend.config import build_config
+
+
+def cfg_for(method: str, **over):
+    base = {"method.name": method, "fleet.devices": 3, "run.rounds": 3, "train.local_steps": 1,
+            "train.batch_size": 4, "data.eval_subset": 32, "run.eval_every": 2, "run.target_accuracy": 0.5,
+            "method.fedadapter.trial_rounds": 2}
+    base.update(over)
+    return build_config({}, base)
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(monkeypatch, round_: int):
+    """Make the runner die right after writing the checkpoint of `round_` (as a killed process would)."""
+    real = runner.save_checkpoint
+
+    def save_then_stop(path, cfg, snap, wall_clock_s):
+        real(path, cfg, snap, wall_clock_s)
+        if snap.round == round_:
+            raise Stop
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_stop)
+
+
+def outputs(d):
+    adapter = {k: v for f in sorted((d / "adapter").glob("*.safetensors")) for k, v in load_file(f).items()}
+    summary = json.loads((d / "summary.json").read_text())
+    for volatile in ("wall_clock_s", "peak_rss_mb"):
+        summary.pop(volatile)
+    return (d / "records.jsonl").read_text(), adapter, summary
+
+
+# methods that carry state between rounds: estimates (legend), rank pruning (hetlora), a search
+# period with per-group models (fedadapter, stopped mid-period), a seeded restart counter (flora),
+# group clocks and ticks (hierfedlora)
+@pytest.mark.parametrize("method", ["legend", "hetlora", "fedadapter", "flora", "hierfedlora"])
+def test_resumed_run_equals_uninterrupted(method, tmp_path, monkeypatch):
+    cfg = cfg_for(method)
+    runner.run_experiment(cfg, tmp_path / "whole", progress=False)
+    assert not (tmp_path / "whole" / runner.CHECKPOINT).exists()       # removed once the run ends
+
+    stop_after(monkeypatch, 1)
+    with pytest.raises(Stop):
+        runner.run_experiment(cfg, tmp_path / "cut", progress=False)
+    assert (tmp_path / "cut" / runner.CHECKPOINT).exists()
+    assert len((tmp_path / "cut" / "records.jsonl").read_text().splitlines()) == 1
+    monkeypatch.undo()
+
+    runner.run_experiment(cfg, tmp_path / "cut", progress=False, resume=True)
+    whole, cut = outputs(tmp_path / "whole"), outputs(tmp_path / "cut")
+    assert cut[0] == whole[0]                                           # every record, byte for byte
+    assert cut[1].keys() == whole[1].keys()
+    assert all((cut[1][k] == whole[1][k]).all() for k in whole[1])      # the same final adapter
+    assert cut[2] == whole[2]
+    assert not (tmp_path / "cut" / runner.CHECKPOINT).exists()
+
+
+def test_checkpoint_of_another_config_is_not_continued(tmp_path, monkeypatch, capsys):
+    cfg = cfg_for("legend", **{"run.rounds": 2})
+    stop_after(monkeypatch, 1)
+    with pytest.raises(Stop):
+        runner.run_experiment(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    other = cfg.model_copy(deep=True)
+    other.train.lr = cfg.train.lr / 2
+    assert runner.load_checkpoint(tmp_path / runner.CHECKPOINT, other) is None
+    assert runner.load_checkpoint(tmp_path / runner.CHECKPOINT, cfg) is not None
+    runner.run_experiment(other, tmp_path, progress=False, resume=True)
+    assert "another config; starting afresh" in capsys.readouterr().err
+    records = [json.loads(l) for l in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2] and records[0]["lr"] == pytest.approx(other.train.lr)
+
+
+def test_without_resume_a_checkpoint_is_ignored(tmp_path, monkeypatch):
+    cfg = cfg_for("fedlora", **{"run.rounds": 2})
+    stop_after(monkeypatch, 1)
+    with pytest.raises(Stop):
+        runner.run_experiment(cfg, tmp_path / "a", progress=False)
+    monkeypatch.undo()
+    calls = []
+    real = runner.load_checkpoint
+    monkeypatch.setattr(runner, "load_checkpoint", lambda *a: calls.append(a) or real(*a))
+    runner.run_experiment(cfg, tmp_path / "a", progress=False)          # a fresh run from round 1
+    assert calls == []
+    assert len((tmp_path / "a" / "records.jsonl").read_text().splitlines()) == 2
