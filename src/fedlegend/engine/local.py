@@ -16,12 +16,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..client import LocalResult, LocalTrainingError, evaluate, local_steps_for, train_local
+from ..client import LocalResult, LocalTrainingError, evaluate, train_local
 from ..devices import RoundTime, round_work
 from ..experiment import Experiment
-from ..lora import AdapterState, state_bytes
-from ..methods.base import (DeviceUpdate, Estimate, Estimator, LoraPlan, StatusReport, UpdateRejected, check_update,
-                            trained_part)
+from ..methods.aggregation import DeviceUpdate
+from ..methods.base import (Assignment, Estimate, Estimator, LoraPlan, RoundView, Skip, StatusReport, UpdateRejected,
+                            check_update, trained_part)
+from ..spec import AdapterState, state_bytes
 
 
 def lr_at(round_: int, rounds: int, lr: float, schedule: str) -> float:
@@ -31,26 +32,37 @@ def lr_at(round_: int, rounds: int, lr: float, schedule: str) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * (round_ - 1) / rounds))
 
 
-def status_report(device: int, rt: RoundTime, depth: int, rank_sum: int, samples: int) -> StatusReport:
+def status_report(device: int, rt: RoundTime, plan: LoraPlan, samples: int) -> StatusReport:
     """What a device reports (section 4.3): mu-hat per trained layer, beta-hat per unit rank."""
     return StatusReport(device=device, fixed_s=rt.download_s + rt.forward_s,
-                        backward_per_layer_s=rt.backward_s / max(depth, 1),
-                        upload_per_rank_s=rt.upload_s / max(rank_sum, 1), samples=samples)
+                        backward_per_layer_s=rt.backward_s / max(plan.depth, 1),
+                        upload_per_rank_s=rt.upload_s / max(sum(plan.ranks.values()), 1), samples=samples)
 
 
 @dataclass(frozen=True)
-class Assignment:
-    """What the server sends one device in one round."""
+class Dispatch:
+    """What the server sends one device in one round: the method's assignment, plus the round,
+    the device's local steps and the learning rate (the engine's part)."""
     round: int
-    plan: LoraPlan
-    payload: AdapterState
+    assignment: Assignment
     steps: int
     lr: float
-    download_bytes: int | None = None  # what goes on the wire (Method.download_bytes); None: the payload's size
 
     @property
     def device(self) -> int:
-        return self.plan.device
+        return self.assignment.device
+
+    @property
+    def plan(self) -> LoraPlan:
+        return self.assignment.plan
+
+    @property
+    def payload(self) -> AdapterState:
+        return self.assignment.payload
+
+    @property
+    def download_bytes(self) -> int:
+        return self.assignment.download_bytes
 
 
 @dataclass
@@ -59,7 +71,7 @@ class RoundPlan:
     round: int
     lr: float
     devices: list[int]
-    assignments: dict[int, Assignment]
+    assignments: dict[int, Dispatch]
     skipped: dict[int, str]  # device -> why it got no plan
 
 
@@ -89,22 +101,20 @@ class RoundOutcome:
 
 # ------------------------------------------------------------------ server side
 def plan_round(exp: Experiment, round_: int, global_state: AdapterState, estimator: Estimator) -> RoundPlan:
-    """Plan every device and cut its payload from the global adapter (no training here)."""
-    cfg, method, fleet = exp.cfg, exp.method, exp.fleet
+    """Ask the method what every device gets this round (no training here)."""
+    cfg, fleet = exp.cfg, exp.fleet
     devices = list(range(len(fleet)))
     budgets = {i: fleet.budgets(i, round_, cfg.fleet.round_deadline_s) for i in devices}
-    plans = method.plan(round_, devices, dict(estimator.estimates), budgets)
+    view = RoundView(round_, devices, dict(estimator.estimates), budgets)
+    configured = exp.method.configure(view, global_state)
     lr = lr_at(round_, cfg.run.rounds, cfg.train.lr, cfg.train.schedule)
     assignments, skipped = {}, {}
     for dev in devices:
-        plan = plans.get(dev)
-        if plan is None:
-            skipped[dev] = method.idle_reason(dev)
-            continue
-        steps = local_steps_for(len(exp.parts[dev]), cfg.train.batch_size, cfg.train.local_steps,
-                                cfg.train.local_epochs)
-        payload = method.assign(global_state, plan)
-        assignments[dev] = Assignment(round_, plan, payload, steps, lr, method.download_bytes(payload, plan))
+        a = configured.get(dev, Skip("the method gave it no assignment"))
+        if isinstance(a, Skip):
+            skipped[dev] = a.reason
+        else:
+            assignments[dev] = Dispatch(round_, a, exp.steps[dev], lr)
     return RoundPlan(round_, lr, devices, assignments, skipped)
 
 
@@ -121,7 +131,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
     """Validate each device's reply against what it was sent, aggregate, update the estimates.
 
     A device with an assignment but no reply is recorded as dropped; the round completes
-    with what arrived, and with no accepted update the global adapter is kept as it was.
+    with what arrived, and with no accepted update the method keeps the global adapter.
     """
     updates, reports, rows, events, losses = [], [], [], [], []
     bytes_down = bytes_up = 0
@@ -130,7 +140,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
             events.append({"device": dev, "kind": "skipped", "detail": rp.skipped[dev]})
             continue
         a = rp.assignments[dev]
-        bytes_down += a.download_bytes if a.download_bytes is not None else state_bytes(a.payload)  # the payload was sent whatever came back
+        bytes_down += a.download_bytes  # the payload was sent whatever came back
         reply = replies.get(dev)
         if reply is None:
             events.append({"device": dev, "kind": "dropped", "detail": "no reply this round"})
@@ -144,17 +154,18 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
             events.append({"device": dev, "kind": "rejected", "detail": str(err)})
             continue
         reports.append(reply.report)
-        updates.append(DeviceUpdate(dev, reply.local.state, reply.local.samples))
+        updates.append(DeviceUpdate(dev, reply.local.state, reply.local.samples, reply.local.loss,
+                                    reply.time.total_s))
         losses.append(reply.local.loss)
         bytes_up += state_bytes(reply.local.state)
         rows.append(device_row(a.plan, reply))
     events.extend(extra_events or [])
-    exp.method.observe_round(rp.round, rows)
-    # timing before aggregation: a method with sub-rounds (HierFedLoRA) closes its clocks when it aggregates
-    round_time, waits = exp.method.round_timing({r["id"]: r["time_s"] for r in rows})
+    agg = exp.method.aggregate(rp.round, global_state, updates)
+    # a synchronous round lasts as long as its slowest device; the others wait for it
+    round_time = agg.round_time_s if agg.round_time_s is not None else max((r["time_s"] for r in rows), default=0.0)
+    waits = agg.waiting_s if agg.waiting_s is not None else {r["id"]: round_time - r["time_s"] for r in rows}
     for r in rows:
         r["waiting_s"] = waits[r["id"]]
-    new_state = exp.method.aggregate(global_state, updates) if updates else global_state
     for r in reports:
         estimator.observe(r)
     record = {"round": rp.round, "round_time_s": round_time,
@@ -162,26 +173,24 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
               "bytes_down": bytes_down, "bytes_up": bytes_up, "lr": rp.lr,
               "train_loss": float(np.mean(losses)) if losses else None,
               "devices": rows, "events": events}
-    return RoundOutcome(new_state, record, reports)
+    return RoundOutcome(agg.state, record, reports)
 
 
 # ------------------------------------------------------------------ device side
-def run_device(exp: Experiment, a: Assignment) -> DeviceResult | DeviceFailure:
+def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
     """Local training of one assignment plus the fleet's cost model: virtual time and status report."""
     cfg, dev = exp.cfg, a.device
     rng = np.random.default_rng([cfg.run.seed, 3, dev, a.round])  # the device's own stream, engine-independent
     try:
-        res = train_local(exp.host, a.plan, a.payload, exp.device_data(dev), steps=a.steps,
+        res = train_local(exp.host, exp.task, a.plan, a.payload, exp.device_data(dev), steps=a.steps,
                           batch_size=cfg.train.batch_size, lr=a.lr, rng=rng, pad_id=exp.pad_id,
                           weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
     except LocalTrainingError as err:
         return DeviceFailure(dev, "rejected", str(err))
     # the server decided the wire size (a device's own method object holds no server state)
-    down = a.download_bytes if a.download_bytes is not None else state_bytes(a.payload)
-    up = state_bytes(res.state)
-    rt = exp.fleet.time(dev, a.round, round_work(exp.spec, a.plan.ranks, res.batch_shapes, down, up))
-    report = status_report(dev, rt, a.plan.depth, sum(a.plan.ranks.values()), res.samples)
-    return DeviceResult(dev, res, rt, report)
+    rt = exp.fleet.time(dev, a.round, round_work(exp.spec, a.plan.ranks, res.batch_shapes, a.download_bytes,
+                                                 state_bytes(res.state)))
+    return DeviceResult(dev, res, rt, status_report(dev, rt, a.plan, res.samples))
 
 
 # ------------------------------------------------------------------ the local loop
@@ -196,7 +205,8 @@ def record_round(exp: Experiment, round_: int, clock: float, state: AdapterState
     cfg = exp.cfg
     rec = {"round": round_, "virtual_time_s": clock, "accuracy": None, "loss": None, **out.record}
     if round_ % cfg.run.eval_every == 0 or round_ == cfg.run.rounds:
-        rec["accuracy"], rec["loss"] = evaluate(exp.host, state, exp.test, cfg.train.eval_batch_size, exp.pad_id)
+        score = evaluate(exp.host, exp.task, state, exp.test, cfg.train.eval_batch_size, exp.pad_id)
+        rec["accuracy"], rec["loss"] = score.accuracy, score.loss
     return rec
 
 
@@ -218,12 +228,12 @@ def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
               on_snapshot: Callable[[Snapshot], None] | None = None) -> tuple[AdapterState, list[dict]]:
     """All rounds; evaluates every `eval_every` rounds and at the last. Returns the final state.
 
-    `on_snapshot` gets the loop's state after every round (the runner saves it as a checkpoint);
+    `on_snapshot` gets the loop's state after every round (the run folder saves it as a checkpoint);
     `resume` starts after the snapshot's round, replaying its records through `on_record` first."""
     from tqdm.auto import tqdm
 
     cfg = exp.cfg
-    estimator = Estimator(exp.method.rho)
+    estimator = Estimator(exp.method.info.rho)
     state, records, clock, first = exp.initial_state, [], 0.0, 1
     if resume is not None:
         if not 1 <= resume.round <= cfg.run.rounds:
@@ -236,7 +246,7 @@ def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
         for rec in records:
             if on_record:
                 on_record(rec)
-    bar = tqdm(range(first, cfg.run.rounds + 1), desc=exp.method.name, unit="round", disable=not progress,
+    bar = tqdm(range(first, cfg.run.rounds + 1), desc=exp.method.info.name, unit="round", disable=not progress,
                initial=first - 1, total=cfg.run.rounds)
     for h in bar:
         out = run_round(exp, h, state, estimator)

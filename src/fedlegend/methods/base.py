@@ -1,11 +1,16 @@
-"""The method contract: plan -> assign -> (local training) -> aggregate, plus shared math.
+"""The method contract, in the spirit of Flower's strategy: `configure` and `aggregate`.
 
-A method is pure logic over tensors and estimates: no I/O, no engine knowledge, so the
-same object runs under the local loop and under Flower.
+A method says what each device gets this round (`configure`) and how the devices' replies
+become the new global adapter (`aggregate`); its static facts are one `MethodInfo`. It is
+pure logic over tensors and estimates: no I/O, no engine knowledge, so the same object runs
+under the local loop and under Flower. The pure aggregation rules it composes live in
+methods/aggregation.py.
+
+    configure(view, global_state) -> {device: Assignment | Skip}
+    aggregate(round, global_state, updates) -> Aggregated(state, round_time_s=None, waiting_s=None)
 """
 
 from __future__ import annotations
-
 
 import copy
 from abc import ABC, abstractmethod
@@ -13,15 +18,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lora import AdapterState, ModelSpec, Ranks, key_layer, state_bytes
+from ..spec import AdapterState, ModelSpec, Ranks, state_bytes
+from .aggregation import DeviceUpdate
+
+
+# ---------------------------------------------------------------- what a method says
+@dataclass(frozen=True)
+class MethodInfo:
+    """Static facts of a method: its name, the [method.SECTION] its knobs come from, the adapter
+    host its devices train (hosts.HOSTS), the server's moving-average weight rho (eq. 8-9), and
+    whether its global adapter carries a dense residual per module (folded into the frozen
+    weights: FLoRA, FedEx-LoRA)."""
+    name: str
+    section: str
+    host: str = "lora"
+    rho: float = 0.8
+    residual: bool = False
 
 
 @dataclass(frozen=True)
 class LoraPlan:
-    """What one device trains in one round: layer -> rank, plus method-specific extras."""
+    """What one device trains in one round: layer -> rank (or adapter width). `frozen` names the
+    tensor kinds it receives but does not train (FFA-LoRA: "lora_A"; FLoRA, FedEx-LoRA: "residual")."""
     device: int
     ranks: Ranks
-    extras: dict = field(default_factory=dict, hash=False)
+    frozen: tuple[str, ...] = ()
 
     @property
     def depth(self) -> int:
@@ -32,6 +53,36 @@ class LoraPlan:
         return sorted(self.ranks)
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """What the server sends one device: its plan, the tensors it starts from, and the bytes that
+    go on the wire for them (FLoRA's stacks are smaller than the dense residuals they rebuild)."""
+    plan: LoraPlan
+    payload: AdapterState
+    download_bytes: int
+
+    @property
+    def device(self) -> int:
+        return self.plan.device
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A device that sits this round out, and why (recorded as a 'skipped' event)."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """The new global adapter; a method with its own clock (HierFedLoRA's parallel groups) also
+    says how long the round lasted and how long each device waited (default: the slowest device's
+    time, and each device's gap to it)."""
+    state: AdapterState
+    round_time_s: float | None = None
+    waiting_s: dict[int, float] | None = None
+
+
+# ---------------------------------------------------------------- what a method is told
 @dataclass(frozen=True)
 class StatusReport:
     """What a device measured in a round (section 4.3)."""
@@ -77,11 +128,16 @@ class Estimator:
 
 
 @dataclass(frozen=True)
-class DeviceUpdate:
-    """A device's trained tensors for its plan, and how many samples it trained on."""
-    device: int
-    state: AdapterState
-    samples: int
+class RoundView:
+    """What the server knows when it configures a round: the fleet's device ids, its estimates of
+    them (eq. 8-9; none before a device's first report) and their budgets (C_i, B_i of eq. 14-15)."""
+    round: int
+    devices: list[int]
+    estimates: dict[int, Estimate] = field(default_factory=dict)
+    budgets: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def budget(self, device: int) -> tuple[float, float]:
+        return self.budgets.get(device, (float("inf"), float("inf")))
 
 
 @dataclass(frozen=True)
@@ -89,14 +145,18 @@ class MethodContext:
     """Facts of the experiment a method may plan with (no data, no engine)."""
     spec: ModelSpec
     num_devices: int
-    local_steps: int
+    local_steps: tuple[int, ...]   # optimizer steps of each device per round (its epoch when train.local_steps = 0)
     batch_size: int
     nominal_width: int   # typical padded sequence length, for FLOP budgets
-    seed: int = 0        # for methods that draw at random (FedRA)
+    seed: int = 0        # for methods that draw at random (FedRA, FLoRA, FedAdapter)
     alpha_over_rank: float = 2.0  # LoRA scaling alpha/r: B·A enters the weight as (alpha/r)·B·A
     label_counts: tuple[tuple[int, ...], ...] = ()  # per device, for methods that group by data (HierFedLoRA)
 
+    def steps_of(self, device: int) -> int:
+        return self.local_steps[device]
 
+
+# ---------------------------------------------------------------- validation of replies
 class UpdateRejected(ValueError):
     """A device update that must not reach the global adapter."""
 
@@ -115,39 +175,15 @@ def check_update(update: AdapterState, sent: AdapterState) -> None:
 
 def trained_part(payload: AdapterState, plan: LoraPlan) -> AdapterState:
     """The tensors of a payload the device trains and sends back (not those the plan freezes)."""
-    frozen = tuple("." + part for part in plan.extras.get("frozen", ()))
+    frozen = tuple("." + part for part in plan.frozen)
     return {k: v for k, v in payload.items() if not (frozen and k.endswith(frozen))}
 
 
-def layerwise_average(global_state: AdapterState, updates: list[DeviceUpdate],
-                      weighting: str = "mean") -> AdapterState:
-    """Eq. 17: each tensor averaged over the devices that trained it; untouched tensors keep
-    their global value. weighting='samples' weights each device by its sample count (FedAvg)."""
-    if weighting not in ("mean", "samples"):
-        raise ValueError(f"weighting must be 'mean' or 'samples', got {weighting!r}")
-    new = dict(global_state)
-    for key in global_state:
-        holders = [u for u in updates if key in u.state]
-        if not holders:
-            continue
-        w = torch.tensor([float(u.samples) if weighting == "samples" else 1.0 for u in holders])
-        w = w / w.sum()
-        new[key] = sum(wi * u.state[key] for wi, u in zip(w, holders))
-    return new
-
-
-def select_layers(global_state: AdapterState, layers: set[int] | list[int]) -> AdapterState:
-    """Eq. 19: the global tensors of the given layers, plus the task head."""
-    keep = set(layers)
-    return {k: v for k, v in global_state.items() if key_layer(k) is None or key_layer(k) in keep}
-
-
+# ---------------------------------------------------------------- the contract
 class Method(ABC):
-    """A federated fine-tuning method. Subclasses set `name` and implement the three steps."""
+    """A federated fine-tuning method. Subclasses set `info` and implement the two calls."""
 
-    name: str = ""
-    rho: float = 0.8  # moving-average weight the server's Estimator uses for this method (eq. 8-9)
-    host_kind: str = "lora"  # which module a device trains: "lora" (peft LoRA) or "bottleneck" (FedAdapter)
+    info: MethodInfo
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
@@ -158,51 +194,28 @@ class Method(ABC):
 
     @abstractmethod
     def global_ranks(self) -> Ranks:
-        """Rank of each layer's LoRA in the global adapter."""
+        """Rank (or width) of each layer in the global adapter."""
 
     @abstractmethod
-    def plan(self, round_: int, devices: list[int], estimates: dict[int, Estimate],
-             budgets: dict[int, tuple[float, float]]) -> dict[int, LoraPlan]:
-        """The plan of every participating device for this round."""
-
-    def assign(self, global_state: AdapterState, plan: LoraPlan) -> AdapterState:
-        """What the device receives (default: eq. 19, the global tensors of its layers)."""
-        return select_layers(global_state, plan.ranks)
+    def configure(self, view: RoundView, global_state: AdapterState) -> dict[int, Assignment | Skip]:
+        """What every device of the fleet gets this round: an Assignment, or a Skip with its reason."""
 
     @abstractmethod
-    def aggregate(self, global_state: AdapterState, updates: list[DeviceUpdate]) -> AdapterState:
-        """The new global adapter from the accepted updates."""
-
-    def init_state(self, state: AdapterState) -> AdapterState:
-        """The initial global adapter from the host's fresh one (residual methods add zeros)."""
-        return state
-
-    def round_timing(self, times: dict[int, float]) -> tuple[float, dict[int, float]]:
-        """(virtual duration of the round, waiting of each device) from the devices' times.
-        Default: a synchronous round lasts as long as its slowest device; the rest wait for it."""
-        t = max(times.values(), default=0.0)
-        return t, {i: t - ti for i, ti in times.items()}
-
-    def idle_reason(self, device: int) -> str:
-        """Why the plan of this round has no entry for a device (recorded as a 'skipped' event)."""
-        return "no feasible plan this round"
-
-    def download_bytes(self, payload: AdapterState, plan: LoraPlan) -> int:
-        """Bytes a device downloads for its payload. Default: every tensor of the payload; a
-        method whose devices could rebuild part of it from less (FLoRA) says what goes on the wire."""
-        return state_bytes(payload)
+    def aggregate(self, round_: int, global_state: AdapterState, updates: list[DeviceUpdate]) -> Aggregated:
+        """The new global adapter from this round's accepted updates (possibly none: every device
+        failed), with the round's time and waiting if the method keeps its own clock."""
 
     def state_dict(self) -> dict:
         """The server-side state the method carries from round to round (for a checkpoint): a copy
-        of every attribute but the immutable context. A method holding something a deep copy
-        cannot capture overrides this and load_state_dict."""
-        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "ctx"})
+        of every attribute but the immutable context and info. A method holding something a deep
+        copy cannot capture overrides this and load_state_dict."""
+        return copy.deepcopy({k: v for k, v in vars(self).items() if k not in ("ctx", "info")})
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict returned, so the next round plans as the uninterrupted run would
-        (attributes set lazily, e.g. by the first plan(), come back too)."""
+        """Restore what state_dict returned, so the next round plans as the uninterrupted run would."""
         vars(self).update(copy.deepcopy(state))
 
-    def observe_round(self, round_: int, rows: list[dict]) -> None:
-        """What the server saw of the round's accepted devices (their record rows: id, loss, time_s,
-        samples, ...), called just before aggregate. Default: nothing (FedAdapter's search uses it)."""
+
+def assignment(plan: LoraPlan, payload: AdapterState) -> Assignment:
+    """An Assignment whose wire size is its payload's (every method but FLoRA)."""
+    return Assignment(plan, payload, state_bytes(payload))

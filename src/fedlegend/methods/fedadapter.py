@@ -2,7 +2,7 @@
 
 Cai, Wu, Wang, Lin, Xu. "FedAdapter: Efficient Federated Learning for Modern NLP" (MobiCom
 2023, there named AdaFL; arXiv 2205.10162). Devices train bottleneck adapters (our module:
-fedlegend.adapters, see there why not a library) on the top `depth` transformer layers, of
+fedlegend.hosts.bottleneck, see there why not a library) on the top `depth` transformer layers, of
 bottleneck `width`, plus the task head. The configuration is upgraded progressively (shallow
 and narrow first, deeper and wider later) by sideline trials: every `trial_rounds` rounds
 the server splits the devices into trial groups that train the current configuration, a
@@ -28,7 +28,7 @@ Readings chosen where the paper leaves a choice open (or where our harness diffe
   trial groups' model accuracy gain per unit time; we use the training loss because the
   server holds no data of its own (the loss is what devices report).
 - Once neither upgrade is possible, every device trains the current configuration.
-- Global adapter: every layer at max_width (host.global_ranks). A configuration of (k, w)
+- Global adapter: every layer at max_width (global_ranks). A configuration of (k, w)
   uses layers L-k..L-1 and the first w hidden units of each adapter (down.weight[:w],
   down.bias[:w], up.weight[:, :w]); the rest stays at its initial value, where up is zero,
   so the global adapter computes exactly its configuration's function.
@@ -39,11 +39,14 @@ Readings chosen where the paper leaves a choice open (or where our harness diffe
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from ..lora import AdapterState, Ranks, key_layer
-from .base import DeviceUpdate, LoraPlan, Method, MethodContext
+from ..spec import AdapterState, Ranks, key_layer
+from .aggregation import elementwise_average
+from .base import Aggregated, LoraPlan, Method, MethodContext, MethodInfo, assignment
 
 Config = tuple[int, int]  # (depth, width)
 
@@ -56,39 +59,6 @@ def slice_width(t: torch.Tensor, key: str, width: int) -> torch.Tensor:
     if key.endswith("adapter.up.weight"):
         return t[:, :width].clone()
     return t.clone()   # up.bias, head
-
-
-def pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t zero-padded into the leading corner of `shape`, the 0/1 mask of where t lies)."""
-    if tuple(t.shape) == tuple(shape):
-        return t, torch.ones_like(t)
-    out = torch.zeros(shape, dtype=t.dtype)
-    mask = torch.zeros(shape, dtype=t.dtype)
-    idx = tuple(slice(0, n) for n in t.shape)
-    out[idx] = t
-    mask[idx] = 1.0
-    return out, mask
-
-
-def elementwise_average(global_state: AdapterState, updates: list[DeviceUpdate],
-                        weighting: str = "samples") -> AdapterState:
-    """Each element averaged over the devices that trained it; untouched elements keep their value."""
-    if weighting not in ("mean", "samples"):
-        raise ValueError(f"weighting must be 'mean' or 'samples', got {weighting!r}")
-    new = dict(global_state)
-    for key, g in global_state.items():
-        holders = [u for u in updates if key in u.state]
-        if not holders:
-            continue
-        num = torch.zeros_like(g)
-        den = torch.zeros_like(g)
-        for u in holders:
-            w = float(u.samples) if weighting == "samples" else 1.0
-            t, m = pad_to(u.state[key].to(g.dtype), tuple(g.shape))
-            num += w * t
-            den += w * m
-        new[key] = torch.where(den > 0, num / den.clamp(min=1e-12), g)
-    return new
 
 
 def loss_slope(times: list[float], losses: list[float]) -> float | None:
@@ -109,8 +79,7 @@ def trial_groups(devices: list[int], n_groups: int, seed: int, period: int) -> l
 
 
 class FedAdapter(Method):
-    name = "fedadapter"
-    host_kind = "bottleneck"
+    info = MethodInfo("fedadapter", "fedadapter", host="bottleneck")
 
     def __init__(self, ctx: MethodContext, init_depth: int = 2, init_width: int = 8, depth_step: int = 2,
                  width_factor: int = 2, max_width: int = 64, trial_rounds: int = 3, search: bool = True,
@@ -163,44 +132,46 @@ class FedAdapter(Method):
         self._obs = {name: [] for name in names}
 
     # ------------------------------------------------------------ the contract
-    def plan(self, round_, devices, estimates, budgets):
-        self._round = round_
-        period = (round_ - 1) // self.trial_rounds
+    def configure(self, view, global_state):
+        self._round = view.round
+        period = (view.round - 1) // self.trial_rounds
         if period != self._period:
-            self._begin_period(period, devices)
-        plans = {}
-        for d in devices:
+            self._begin_period(period, view.devices)
+        out = {}
+        for d in view.devices:
             group = self._group_of.setdefault(d, "current")   # a device first seen mid-period
-            plans[d] = LoraPlan(d, self.config_ranks(self._configs[group]))
-        return plans
+            ranks = self.config_ranks(self._configs[group])
+            out[d] = assignment(LoraPlan(d, ranks), self._slice(self._group_state(group, global_state), ranks))
+        return out
 
-    def _group_state(self, group: str, global_state: AdapterState) -> AdapterState:
+    def _group_state(self, group: str, global_state):
         if group not in self._states:
             self._states[group] = dict(global_state)          # every trial starts from the global adapter
         return self._states[group]
 
-    def assign(self, global_state, plan):
-        state = self._group_state(self._group_of.get(plan.device, "current"), global_state)
+    @staticmethod
+    def _slice(state, ranks: Ranks):
+        """The head plus the plan's layers, each cut to its width."""
         out = {}
         for k, v in state.items():
             layer = key_layer(k)
             if layer is None:
                 out[k] = v.clone()
-            elif layer in plan.ranks:
-                out[k] = slice_width(v, k, plan.ranks[layer])
+            elif layer in ranks:
+                out[k] = slice_width(v, k, ranks[layer])
         return out
 
-    def observe_round(self, round_: int, rows: list[dict]) -> None:
+    def observe(self, updates) -> None:
         """The devices' reported training loss and time: per group, (its slowest member's time, mean loss)."""
-        by_group: dict[str, list[dict]] = {}
-        for r in rows:
-            if r.get("loss") is None:
+        by_group: dict[str, list] = {}
+        for u in updates:
+            if math.isnan(u.loss):
                 continue
-            by_group.setdefault(self._group_of.get(r["id"], "current"), []).append(r)
-        for group, rs in by_group.items():
-            n = sum(r["samples"] for r in rs)
-            loss = sum(r["loss"] * r["samples"] for r in rs) / n if n else float(np.mean([r["loss"] for r in rs]))
-            self._obs.setdefault(group, []).append((max(r["time_s"] for r in rs), loss))
+            by_group.setdefault(self._group_of.get(u.device, "current"), []).append(u)
+        for group, us in by_group.items():
+            n = sum(u.samples for u in us)
+            loss = sum(u.loss * u.samples for u in us) / n if n else float(np.mean([u.loss for u in us]))
+            self._obs.setdefault(group, []).append((max(u.time_s for u in us), loss))
 
     def progress(self) -> dict[str, float]:
         """Training-loss decrease per virtual second of each group this period (groups with >= 2 rounds)."""
@@ -220,19 +191,22 @@ class FedAdapter(Method):
                 best = group
         return best
 
-    def aggregate(self, global_state, updates):
-        by_group: dict[str, list[DeviceUpdate]] = {}
+    def aggregate(self, round_, global_state, updates):
+        self.observe(updates)
+        if not updates:
+            return Aggregated(global_state)
+        by_group: dict[str, list] = {}
         for u in updates:
             by_group.setdefault(self._group_of.get(u.device, "current"), []).append(u)
         for group, us in by_group.items():
             self._states[group] = elementwise_average(self._group_state(group, global_state), us, self.weighting)
         end_of_period = self._round % self.trial_rounds == 0
         if not end_of_period:
-            return self._states.get("current", global_state)
+            return Aggregated(self._states.get("current", global_state))
         winner = self.choose() if len(self._configs) > 1 else "current"
         self.history.append({"period": self._period, "round": self._round, "configs": dict(self._configs),
                              "progress": self.progress(), "winner": winner})
         self.current = self._configs.get(winner, self.current)
         new = self._states.get(winner, global_state)
-        self._period = -1            # the next plan() starts a new period (from the winner's model)
-        return new
+        self._period = -1            # the next configure() starts a new period (from the winner's model)
+        return Aggregated(new)

@@ -6,12 +6,14 @@ federated fine-tuning, the naive baseline of LEGEND's evaluation (seed 003, sect
 
 from __future__ import annotations
 
-from ..lora import AdapterState, Ranks
-from .base import DeviceUpdate, LoraPlan, Method, MethodContext, layerwise_average
+from ..spec import Ranks
+from .aggregation import layerwise_average, select_layers
+from .base import Aggregated, LoraPlan, Method, MethodContext, MethodInfo, assignment
 
 
 class FedLora(Method):
-    name = "fedlora"
+    info = MethodInfo("fedlora", "fedlora")
+    frozen: tuple[str, ...] = ()   # tensor kinds devices receive but do not train (subclasses)
 
     def __init__(self, ctx: MethodContext, rank: int = 8, weighting: str = "samples"):
         super().__init__(ctx)
@@ -23,9 +25,11 @@ class FedLora(Method):
     def global_ranks(self) -> Ranks:
         return {l: self.rank for l in range(self.L)}
 
-    def plan(self, round_, devices, estimates, budgets):
-        return {i: LoraPlan(i, self.global_ranks()) for i in devices}
+    def configure(self, view, global_state):
+        ranks = self.global_ranks()
+        return {i: assignment(LoraPlan(i, ranks, self.frozen), select_layers(global_state, ranks))
+                for i in view.devices}
 
-    def aggregate(self, global_state: AdapterState, updates: list[DeviceUpdate]) -> AdapterState:
+    def aggregate(self, round_, global_state, updates):
         # Every device trains every tensor, so the layer-wise rule reduces to FedAvg.
-        return layerwise_average(global_state, updates, self.weighting)
+        return Aggregated(layerwise_average(global_state, updates, self.weighting))

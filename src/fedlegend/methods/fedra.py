@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..lora import Ranks
-from .base import LoraPlan, Method, MethodContext, layerwise_average
-from .lowrank import rank_by_capacity
+from ..spec import Ranks
+from .aggregation import layerwise_average, select_layers
+from .base import Aggregated, LoraPlan, Method, MethodContext, MethodInfo, assignment
+from .hetlora import rank_by_capacity
 
 
 class FedRA(Method):
-    name = "fedra"
+    info = MethodInfo("fedra", "fedra")
 
     def __init__(self, ctx: MethodContext, rank: int = 8, min_layers: int = 1):
         super().__init__(ctx)
@@ -29,15 +30,16 @@ class FedRA(Method):
     def global_ranks(self) -> Ranks:
         return {l: self.rank for l in range(self.L)}
 
-    def plan(self, round_, devices, estimates, budgets):
+    def configure(self, view, global_state):
         # capacity -> number of layers, using the same speed ranking as the rank-based methods
-        counts = rank_by_capacity(devices, estimates, self.L, self.min_layers, self.L)
-        plans = {}
-        for i in devices:
-            rng = np.random.default_rng([self.seed, 11, round_, i])
+        counts = rank_by_capacity(view.devices, view.estimates, self.L, self.min_layers, self.L)
+        out = {}
+        for i in view.devices:
+            rng = np.random.default_rng([self.seed, 11, view.round, i])
             layers = sorted(rng.choice(self.L, size=counts[i], replace=False).tolist())
-            plans[i] = LoraPlan(i, {l: self.rank for l in layers})
-        return plans
+            ranks = {l: self.rank for l in layers}
+            out[i] = assignment(LoraPlan(i, ranks), select_layers(global_state, ranks))
+        return out
 
-    def aggregate(self, global_state, updates):
-        return layerwise_average(global_state, updates, "samples")
+    def aggregate(self, round_, global_state, updates):
+        return Aggregated(layerwise_average(global_state, updates, "samples"))

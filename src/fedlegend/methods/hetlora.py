@@ -13,30 +13,37 @@ from __future__ import annotations
 
 import torch
 
-from ..lora import AdapterState, Ranks
-from .base import DeviceUpdate, LoraPlan, Method, MethodContext
-from .lowrank import average_heads, lora_pairs, normalized, rank_by_capacity, rank_of, truncate, zero_pad
+from ..spec import Ranks
+from .aggregation import factors, lora_pairs, rank_of, truncated_assignment, zero_pad_average
+from .base import Aggregated, Estimate, LoraPlan, Method, MethodContext, MethodInfo, RoundView, assignment
 
 
-def hetlora_average(global_state: AdapterState, updates: list[DeviceUpdate], weighting: str = "norm") -> AdapterState:
-    """Zero-pad to the global rank, weighted average; layers nobody trained keep their value."""
-    new = dict(global_state)
-    for prefix in lora_pairs(global_state):
-        r = rank_of(global_state, prefix)
-        holders = [u for u in updates if prefix + ".lora_A" in u.state]
-        if not holders:
-            continue
-        if weighting == "norm":
-            w = [float(torch.linalg.matrix_norm(u.state[prefix + ".lora_B"] @ u.state[prefix + ".lora_A"]))
-                 for u in holders]
-        else:
-            w = [float(u.samples) for u in holders]
-        w = normalized(w)
-        padded = [zero_pad(u.state[prefix + ".lora_A"], u.state[prefix + ".lora_B"], r) for u in holders]
-        new[prefix + ".lora_A"] = sum(wi * a for wi, (a, _) in zip(w, padded))
-        new[prefix + ".lora_B"] = sum(wi * b for wi, (_, b) in zip(w, padded))
-    new.update(average_heads(global_state, updates, [float(u.samples) for u in updates]))
-    return new
+def norm_weight(update, prefix: str) -> float:
+    """The paper's sparsity weight of a device for one module: the Frobenius norm of its B A."""
+    a, b = factors(update, prefix)
+    return float(torch.linalg.matrix_norm(b @ a))
+
+
+def samples_weight(update, prefix: str) -> float:
+    return float(update.samples)
+
+
+def rank_by_capacity(devices: list[int], estimates: dict[int, Estimate], num_layers: int,
+                     r_min: int, r_max: int, share: dict[int, float] | None = None) -> dict[int, int]:
+    """A LoRA rank per device from its estimated speed: the fastest gets r_max, a device k
+    times slower about r_max / k (never below r_min). Devices not yet estimated get r_max
+    (their first round profiles them). `share` optionally scales the rank by a second
+    factor in (0, 1] (HLoRA: the device's data volume relative to the largest)."""
+    times = {i: estimates[i].fixed_s + num_layers * estimates[i].mu + num_layers * r_max * estimates[i].beta
+             for i in devices if i in estimates}
+    t_min = min(times.values()) if times else 1.0
+    ranks = {}
+    for i in devices:
+        frac = t_min / times[i] if i in times and times[i] > 0 else 1.0
+        if share is not None:
+            frac *= share.get(i, 1.0)
+        ranks[i] = int(max(r_min, min(r_max, round(r_max * frac))))
+    return ranks
 
 
 def tail_energy(update: AdapterState, drop: int) -> float:
@@ -52,13 +59,16 @@ def tail_energy(update: AdapterState, drop: int) -> float:
 
 
 class HetLora(Method):
-    name = "hetlora"
+    """Ranks per device from capacity, LoRA on all layers, zero-pad averaging, truncated assignment.
+    FlexLoRA, HLoRA and FLoRA keep the rank allocation and change the aggregation."""
+
+    info = MethodInfo("hetlora", "hetlora")
 
     def __init__(self, ctx: MethodContext, rank_min: int = 2, rank_max: int = 16, weighting: str = "norm",
                  self_pruning: bool = False, prune_threshold: float = 0.05, prune_step: int = 1):
         super().__init__(ctx)
         if not 1 <= rank_min <= rank_max:
-            raise ValueError(f"hetlora needs 1 <= rank_min <= rank_max, got {rank_min}, {rank_max}")
+            raise ValueError(f"{self.info.name} needs 1 <= rank_min <= rank_max, got {rank_min}, {rank_max}")
         self.rank_min, self.rank_max = rank_min, rank_max
         self.weighting = weighting
         self.self_pruning, self.prune_threshold, self.prune_step = self_pruning, prune_threshold, prune_step
@@ -67,26 +77,21 @@ class HetLora(Method):
     def global_ranks(self) -> Ranks:
         return {l: self.rank_max for l in range(self.L)}
 
-    def device_ranks(self, devices, estimates) -> dict[int, int]:
-        ranks = rank_by_capacity(devices, estimates, self.L, self.rank_min, self.rank_max)
+    def device_ranks(self, view: RoundView) -> dict[int, int]:
+        ranks = rank_by_capacity(view.devices, view.estimates, self.L, self.rank_min, self.rank_max)
         return {i: min(r, self.pruned.get(i, r)) for i, r in ranks.items()}
 
-    def plan(self, round_, devices, estimates, budgets):
-        return {i: LoraPlan(i, {l: r for l in range(self.L)}) for i, r in self.device_ranks(devices, estimates).items()}
+    def plans(self, view: RoundView) -> dict[int, LoraPlan]:
+        return {i: LoraPlan(i, {l: r for l in range(self.L)}) for i, r in self.device_ranks(view).items()}
 
-    def assign(self, global_state, plan):
-        out = {k: v for k, v in global_state.items() if k.startswith("head.")}
-        for prefix in lora_pairs(global_state):
-            layer = int(prefix.split(".")[1])
-            if layer in plan.ranks:
-                a, b = truncate(global_state[prefix + ".lora_A"], global_state[prefix + ".lora_B"], plan.ranks[layer])
-                out[prefix + ".lora_A"], out[prefix + ".lora_B"] = a, b
-        return out
+    def configure(self, view, global_state):
+        return {i: assignment(p, truncated_assignment(global_state, p.ranks)) for i, p in self.plans(view).items()}
 
-    def aggregate(self, global_state, updates):
+    def aggregate(self, round_, global_state, updates):
         if self.self_pruning:
             for u in updates:
                 r = max(rank_of(u.state, p) for p in lora_pairs(u.state))
                 if r - self.prune_step >= self.rank_min and tail_energy(u.state, self.prune_step) < self.prune_threshold:
                     self.pruned[u.device] = r - self.prune_step
-        return hetlora_average(global_state, updates, self.weighting)
+        weight = norm_weight if self.weighting == "norm" else samples_weight
+        return Aggregated(zero_pad_average(global_state, updates, weight))

@@ -17,7 +17,8 @@ The seed gives only the abstract; these readings are ours (tested in tests/test_
   has an estimate (the first global round) all groups run (1, L): the profiling round.
 - Engine rounds are group iterations ("ticks"): at tick t the groups with tau_g >= t train; the
   others are idle, waiting for the global aggregation after tick max tau. Groups run in parallel,
-  so the virtual clock advances by the growth of the slowest group's clock (round_timing), and
+  so the virtual clock advances by the growth of the slowest group's clock (round_timing, which
+  aggregate reports as the round's time and waiting), and
   a global round lasts max_g sum of its iterations. Intra-group aggregation: sample-weighted
   FedAvg of the group's devices (an edge aggregator; its transfer time is not charged).
   Global aggregation: each tensor averaged over the groups that trained it, weighted by the
@@ -31,8 +32,9 @@ import math
 
 import numpy as np
 
-from ..lora import AdapterState, Ranks, key_layer
-from .base import DeviceUpdate, Estimate, LoraPlan, Method, MethodContext, layerwise_average, select_layers
+from ..spec import AdapterState, Ranks, key_layer
+from .aggregation import DeviceUpdate, layerwise_average, select_layers
+from .base import Aggregated, Estimate, LoraPlan, Method, MethodContext, MethodInfo, Skip, assignment
 
 
 def near_iid_groups(label_counts: list[list[int]], num_groups: int) -> list[list[int]]:
@@ -80,7 +82,7 @@ def frequency_and_depth(t_of_depth, period: float, num_layers: int, max_frequenc
 
 
 class HierFedLora(Method):
-    name = "hierfedlora"
+    info = MethodInfo("hierfedlora", "hierfedlora")
 
     def __init__(self, ctx: MethodContext, groups: int = 3, rank: int = 8, max_frequency: int = 4, min_depth: int = 1):
         super().__init__(ctx)
@@ -122,35 +124,37 @@ class HierFedLora(Method):
                 lambda d, grp=grp: iteration_time(grp, estimates, d, self.rank), period, L,
                 self.max_frequency, self.min_depth)
 
-    def plan(self, round_, devices, estimates, budgets):
-        if not self.groups:
-            self._form_groups(list(devices))
-        if self.tick >= max(self.tau.values(), default=0):   # a new global round (also after a lost one)
-            self.tick = 0
-            self._choose(estimates)
-            self.group_state, self.group_samples, self.group_layers = {}, {}, {}
-            self.clock = {g: 0.0 for g in range(len(self.groups))}
-        self.tick += 1
-        plans = {}
-        for i in devices:
-            g = self.group_of.get(i)
-            if g is None or self.tau[g] < self.tick:
-                continue
-            top = range(self.L - self.depth[g], self.L)
-            plans[i] = LoraPlan(i, {l: self.rank for l in top}, {"group": g, "tick": self.tick})
-        return plans
+    def _start_global_round(self, estimates: dict[int, Estimate]) -> None:
+        self.tick = 0
+        self._choose(estimates)
+        self.group_state, self.group_samples, self.group_layers = {}, {}, {}
+        self.clock = {g: 0.0 for g in range(len(self.groups))}
 
-    def idle_reason(self, device):
+    def idle_reason(self, device: int) -> str:
         g = self.group_of.get(device)
         if g is None:
             return "not in any group"
         return f"group {g} finished its {self.tau[g]} iteration(s); waits for the global aggregation"
 
-    def assign(self, global_state, plan):
-        g = plan.extras["group"]
-        return select_layers(self.group_state.get(g, global_state), plan.ranks)
+    def configure(self, view, global_state):
+        if not self.groups:
+            self._form_groups(list(view.devices))
+        if self.tick >= max(self.tau.values(), default=0):   # a new global round (also after a lost one)
+            self._start_global_round(view.estimates)
+        self.tick += 1
+        out = {}
+        for i in view.devices:
+            g = self.group_of.get(i)
+            if g is None or self.tau[g] < self.tick:
+                out[i] = Skip(self.idle_reason(i))
+                continue
+            ranks = {l: self.rank for l in range(self.L - self.depth[g], self.L)}
+            # a group's devices start from the group's model of its previous iteration
+            out[i] = assignment(LoraPlan(i, ranks), select_layers(self.group_state.get(g, global_state), ranks))
+        return out
 
-    def round_timing(self, times):
+    def round_timing(self, times: dict[int, float]) -> tuple[float, dict[int, float]]:
+        """(growth of the slowest group's clock, each device's waiting) of this tick."""
         by_group: dict[int, list[int]] = {}
         for i in times:
             by_group.setdefault(self.group_of[i], []).append(i)
@@ -166,7 +170,11 @@ class HierFedLora(Method):
                 waits.update({i: waits[i] + after - self.clock[g] for i in devs})
         return after - before, waits
 
-    def aggregate(self, global_state: AdapterState, updates: list[DeviceUpdate]) -> AdapterState:
+    def aggregate(self, round_, global_state, updates):
+        round_time, waits = self.round_timing({u.device: u.time_s for u in updates})
+        return Aggregated(self._merge(global_state, updates) if updates else global_state, round_time, waits)
+
+    def _merge(self, global_state: AdapterState, updates: list[DeviceUpdate]) -> AdapterState:
         by_group: dict[int, list[DeviceUpdate]] = {}
         for u in updates:
             by_group.setdefault(self.group_of[u.device], []).append(u)

@@ -13,28 +13,27 @@ built on Plato). Our reading of its two mechanisms, as the seed summary states t
 
 from __future__ import annotations
 
-from .base import LoraPlan, MethodContext
-from .flexlora import product_average_svd
-from .hetlora import HetLora
-from .lowrank import lora_pairs, rank_by_capacity, rank_of
+from .aggregation import lora_pairs, product_average_svd, rank_of
+from .base import Aggregated, MethodContext, MethodInfo
+from .hetlora import HetLora, rank_by_capacity
 
 
 class HLora(HetLora):
-    name = "hlora"
+    info = MethodInfo("hlora", "hlora")
 
     def __init__(self, ctx: MethodContext, rank_min: int = 2, rank_max: int = 16):
         super().__init__(ctx, rank_min=rank_min, rank_max=rank_max, weighting="samples")
         self.samples: dict[int, int] = {}
 
-    def device_ranks(self, devices, estimates):
+    def device_ranks(self, view):
         share = None
         if self.samples:
             top = max(self.samples.values())
             share = {i: self.samples[i] / top for i in self.samples}
-        return rank_by_capacity(devices, estimates, self.L, self.rank_min, self.rank_max, share)
+        return rank_by_capacity(view.devices, view.estimates, self.L, self.rank_min, self.rank_max, share)
 
-    def aggregate(self, global_state, updates):
+    def aggregate(self, round_, global_state, updates):
         for u in updates:
             self.samples[u.device] = u.samples
         weights = [u.samples * max(rank_of(u.state, p) for p in lora_pairs(u.state)) for u in updates]
-        return product_average_svd(global_state, updates, weights)
+        return Aggregated(product_average_svd(global_state, updates, weights))

@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass
 
 from ..devices import step_work_flops
-from ..lora import AdapterState, Ranks
-from .base import DeviceUpdate, Estimate, LoraPlan, Method, MethodContext, layerwise_average
+from ..spec import AdapterState, Ranks
+from .aggregation import DeviceUpdate, layerwise_average, select_layers
+from .base import Aggregated, Estimate, LoraPlan, Method, MethodContext, MethodInfo, RoundView, Skip, assignment
 
 
 class PlanError(ValueError):
@@ -62,7 +63,7 @@ def initial_depth(num_layers: int, gap: int, t_i: float, t_max: float, t_min: fl
     slowest L - k^h, the others in between in proportion to their time gap to the slowest:
         k_i = L - k^h + round(k^h (t^h - t_i) / (t^h - t_min)).
     (As printed, ceil(k^h (t^h - t_i)/t^h) gives the slowest device depth 0 and the fastest
-    less than k^h, which contradicts the text; see DESIGN.md.)"""
+    less than k^h, which contradicts the text; docs/legend.md says more.)"""
     if t_max <= t_min:
         return num_layers
     return num_layers - gap + int(round(gap * (t_max - t_i) / (t_max - t_min)))
@@ -135,7 +136,7 @@ class Legend(Method):
     round is a profiling round at full depth (the device then reports eq. 8-9's inputs).
     """
 
-    name = "legend"
+    info = MethodInfo("legend", "legend")
 
     def __init__(self, ctx: MethodContext, rank_budget: int = 48, rank_step: int = 1, rho: float = 0.8,
                  epsilon_s: float | None = None, min_depth: int = 1, fill_idle: bool = True,
@@ -144,8 +145,8 @@ class Legend(Method):
         L = self.L
         if min_depth > L:
             raise PlanError(f"min_depth={min_depth} is larger than the model's {L} layers; use 1..{L}")
+        self.info = MethodInfo("legend", "legend", rho=rho)
         self.ranks = rank_distribution(L, rank_budget, 0 if uniform_ranks else rank_step)
-        self.rho = rho
         self.epsilon_s = epsilon_s
         self.min_depth = min_depth
         self.fill_idle = fill_idle
@@ -158,7 +159,7 @@ class Legend(Method):
     def layer_ranks(self, depth: int) -> Ranks:
         return {l: self.ranks[l] for l in top_layers(self.L, depth)}
 
-    def _cost(self, est: Estimate, budget: tuple[float, float]) -> DeviceCost:
+    def _cost(self, device: int, est: Estimate, budget: tuple[float, float]) -> DeviceCost:
         spec, ctx = self.ctx.spec, self.ctx
         time, feasible = [], []
         for k in range(self.L + 1):
@@ -168,19 +169,29 @@ class Legend(Method):
                 continue
             ranks = self.layer_ranks(k)
             f, b = step_work_flops(spec, ranks, set(ranks), ctx.batch_size, ctx.nominal_width)
-            flops = ctx.local_steps * (f + b)
+            flops = ctx.steps_of(device) * (f + b)      # the device's steps this round (its epoch, if epochs)
             up = 4 * (sum(r * spec.lora_params_per_rank(l) for l, r in ranks.items()) + spec.head_params())
             feasible.append(fits_budget(flops, up, budget))
         return DeviceCost(time, feasible)
 
-    def plan(self, round_, devices, estimates, budgets):
-        inf = (float("inf"), float("inf"))
-        known = [i for i in devices if i in estimates]
-        depth = {i: self.L for i in devices}
+    def depths(self, view: RoundView) -> dict[int, int]:
+        """Every device's LoRA depth this round: full depth before its first report, else LCD."""
+        known = [i for i in view.devices if i in view.estimates]
+        depth = {i: self.L for i in view.devices}
         if known and not self.full_depth:
-            costs = {i: self._cost(estimates[i], budgets.get(i, inf)) for i in known}
+            costs = {i: self._cost(i, view.estimates[i], view.budget(i)) for i in known}
             depth.update(lcd(costs, self.L, self.min_depth, self.epsilon_s, self.fill_idle))
-        return {i: LoraPlan(i, self.layer_ranks(depth[i])) for i in devices if depth[i] > 0}
+        return depth
 
-    def aggregate(self, global_state: AdapterState, updates: list[DeviceUpdate]) -> AdapterState:
-        return layerwise_average(global_state, updates, self.weighting)   # eq. 17
+    def configure(self, view, global_state):
+        out = {}
+        for i, k in self.depths(view).items():
+            if k == 0:
+                out[i] = Skip("no feasible plan this round")
+                continue
+            ranks = self.layer_ranks(k)
+            out[i] = assignment(LoraPlan(i, ranks), select_layers(global_state, ranks))   # eq. 19
+        return out
+
+    def aggregate(self, round_, global_state, updates):
+        return Aggregated(layerwise_average(global_state, updates, self.weighting))   # eq. 17

@@ -13,7 +13,7 @@ Initialisation: down ~ N(0, 0.01^2) truncated at 2 std, as Houlsby et al. (sec. 
 near-identity init); up and both biases zero, so every adapter is exactly the identity until
 trained (FedAdapter's code base inherits AdapterHub, where adapters also start near identity).
 
-Canonical adapter state (same flat layout idea as fedlegend.lora):
+Canonical adapter state (same flat layout idea as fedlegend.spec):
     "layers.{l}.adapter.down.weight" -> (w_l, hidden)    "layers.{l}.adapter.down.bias" -> (w_l,)
     "layers.{l}.adapter.up.weight"   -> (hidden, w_l)    "layers.{l}.adapter.up.bias"   -> (hidden,)
     "head.{param}"                   -> the task head's tensors (same keys as LoraHost's)
@@ -32,25 +32,24 @@ Export (`save_pretrained`): an open format, no library needed to read it:
                                  residual and LayerNorm", "activation": "relu", "hidden": d,
                                  "head_module": "classifier", "residual": true}
 `BottleneckHost.from_pretrained(base_model, folder)` loads it back onto a base model from
-fedlegend.models.load_base_model; `host.model` is then the adapted classifier.
+fedlegend.models.encoder.load_base_model; `host.model` is then the adapted classifier.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .lora import AdapterState, LoraTarget, ModelSpec, Ranks
+from ..spec import LAYER_RE, AdapterState, LoraTarget, ModelSpec, Ranks, inspect_model
+from .base import AdapterHost
 
 FORMAT = "fedlegend-bottleneck/1"
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 POSITION = "output of the FFN output projection, before dropout, residual and LayerNorm"
-_LAYER_RE = re.compile(r"^(?P<prefix>.*\.layers?)\.(?P<idx>\d+)\.(?P<suffix>.+)$")
 
 
 def adapter_key(layer: int, part: str) -> str:
@@ -85,7 +84,7 @@ def find_ffn_outputs(model: nn.Module, num_layers: int, hidden: int, intermediat
     named `output.dense` (BERT, MPNet) wins."""
     found: dict[int, list[str]] = {}
     for name, mod in model.named_modules():
-        m = _LAYER_RE.match(name)
+        m = LAYER_RE.match(name)
         if m and isinstance(mod, nn.Linear) and mod.in_features == intermediate and mod.out_features == hidden:
             found.setdefault(int(m["idx"]), []).append(name)
     sites = {}
@@ -97,7 +96,7 @@ def find_ffn_outputs(model: nn.Module, num_layers: int, hidden: int, intermediat
             raise ValueError(
                 f"bottleneck adapters: cannot place an adapter in transformer layer {layer}: expected one FFN output "
                 f"projection (a Linear {intermediate} -> {hidden}, e.g. '...layer.{layer}.output.dense'), found "
-                f"{names or 'none'}; this model's layout is not supported by fedlegend.adapters")
+                f"{names or 'none'}; this model's layout is not supported by fedlegend.hosts.bottleneck")
         sites[layer] = names[0]
     return sites
 
@@ -115,40 +114,33 @@ def adapter_spec(spec: ModelSpec, sites: dict[int, str]) -> ModelSpec:
                      num_labels=spec.num_labels)
 
 
-class BottleneckHost:
+class BottleneckHost(AdapterHost):
     """One base model with bottleneck adapters, one set per distinct (layer -> width) layout.
 
-    Same interface as fedlegend.lora.LoraHost: `use(widths)` activates (creating on first use)
-    the layout and returns its name; `params`, `load`, `read` move canonical state in and out.
+    Same interface as LoraHost (fedlegend.hosts.base.AdapterHost): `use(widths)` activates
+    (creating on first use) the layout and returns its name; `params`, `load`, `read` move
+    canonical state in and out.
     """
 
-    GLOBAL = "default"
-
-    def __init__(self, model: nn.Module, spec: ModelSpec, global_ranks: Ranks):
-        self.base = model
+    def __init__(self, model: nn.Module, spec: ModelSpec, global_ranks: Ranks, max_layouts: int = 64):
         sites = find_ffn_outputs(model, spec.num_layers, spec.hidden, spec.intermediate)
+        super().__init__(adapter_spec(spec, sites), global_ranks, max_layouts)
+        self.base = model
         self.sites = sites
-        self.spec = adapter_spec(spec, sites)
         for p in model.parameters():
             p.requires_grad_(False)
         self.head = getattr(model, spec.head_module)
-        self._layouts: dict[tuple, str] = {}
         self._modules: dict[str, nn.ModuleDict] = {}
-        self._params: dict[str, dict[str, nn.Parameter]] = {}
         self._active: nn.ModuleDict | None = None
         modules = dict(model.named_modules())
         self._hooks = [modules[name].register_forward_hook(self._hook(layer)) for layer, name in sites.items()]
-        self.global_ranks = dict(global_ranks)
-        self._create(self.GLOBAL, self.global_ranks, init=True)
+        # the global adapters' initial tensors come from torch's generator, seeded by the experiment
+        self._adopt(self.global_ranks, self.GLOBAL, self._build(self.GLOBAL, self.global_ranks, init=True))
         self.use(self.global_ranks)
 
     @property
     def model(self) -> nn.Module:
         return self.base
-
-    @staticmethod
-    def _sig(ranks: Ranks) -> tuple:
-        return tuple(sorted((int(k), int(v)) for k, v in ranks.items()))
 
     def _hook(self, layer: int):
         key = str(layer)
@@ -160,7 +152,7 @@ class BottleneckHost:
             return output + active[key](output)
         return hook
 
-    def _create(self, name: str, ranks: Ranks, init: bool) -> None:
+    def _build(self, name: str, ranks: Ranks, init: bool) -> dict[str, nn.Parameter]:
         if not ranks:
             raise ValueError("an adapter layout needs at least one layer")
         site_param = next(iter(self.head.parameters()))
@@ -178,41 +170,19 @@ class BottleneckHost:
                 params[adapter_key(int(layer), part)] = p
         for pname, p in self.head.named_parameters():
             params["head." + pname] = p
-        self._layouts[self._sig(ranks)] = name
         self._modules[name] = mods
-        self._params[name] = params
+        return params
 
-    def use(self, ranks: Ranks) -> str:
-        sig = self._sig(ranks)
-        name = self._layouts.get(sig)
-        if name is None:
-            name = f"layout{len(self._layouts)}"
-            self._create(name, dict(ranks), init=False)   # load() fills it before any use
-        for mods in self._modules.values():
-            for p in mods.parameters():
-                p.requires_grad_(False)
-        for p in self._params[name].values():
-            p.requires_grad_(True)
+    def _create(self, name: str, ranks: Ranks) -> dict[str, nn.Parameter]:
+        return self._build(name, ranks, init=False)   # load() fills it before any use
+
+    def _delete(self, name: str) -> None:
+        if self._active is self._modules[name]:
+            self._active = None
+        del self._modules[name]
+
+    def _activate(self, name: str) -> None:
         self._active = self._modules[name]
-        return name
-
-    def params(self, name: str) -> dict[str, nn.Parameter]:
-        return self._params[name]
-
-    @torch.no_grad()
-    def load(self, name: str, state: AdapterState) -> None:
-        params = self._params[name]
-        missing = set(params) - set(state)
-        if missing:
-            raise KeyError(f"adapter state lacks {sorted(missing)[:4]}... for layout {name}")
-        for k, p in params.items():
-            if tuple(state[k].shape) != tuple(p.shape):
-                raise ValueError(f"{k}: shape {tuple(state[k].shape)} does not fit {tuple(p.shape)}")
-            p.copy_(state[k])
-
-    @torch.no_grad()
-    def read(self, name: str) -> AdapterState:
-        return {k: p.detach().clone() for k, p in self._params[name].items()}
 
     def config(self) -> dict:
         return {"format": FORMAT, "widths": {str(l): int(w) for l, w in sorted(self.global_ranks.items())},
@@ -232,10 +202,8 @@ class BottleneckHost:
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, folder: str | Path, spec: ModelSpec | None = None) -> "BottleneckHost":
-        """The host of a saved adapter on `model` (a fedlegend.models.load_base_model classifier)."""
+        """The host of a saved adapter on `model` (a fedlegend.models.encoder.load_base_model classifier)."""
         from safetensors.torch import load_file
-
-        from .lora import inspect_model
 
         folder = Path(folder)
         cfg = json.loads((folder / CONFIG_NAME).read_text())

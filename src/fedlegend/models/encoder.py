@@ -1,4 +1,4 @@
-"""The base model: a pretrained encoder with a mean-pooling classification head.
+"""The encoder base model: a pretrained encoder with a mean-pooling classification head.
 
 Why not AutoModelForSequenceClassification: it classifies from the [CLS] pooler, which
 sentence-transformer checkpoints (MiniLM, MPNet) never trained. On Rotten Tomatoes a

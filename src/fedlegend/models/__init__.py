@@ -1,0 +1,28 @@
+"""Base models, found by kind: what a device fine-tunes (frozen, under an adapter host).
+
+A model kind is a loader (path, num_labels, dropout) -> nn.Module with a `config` (its
+transformer's) and a task head that fedlegend.spec.inspect_model finds. A new model family
+(a decoder LM) is one module here and one entry below; methods and engines do not change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .encoder import MeanPoolClassifier, load_base_model
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "encoder": load_base_model,   # a sentence encoder with a mean-pooling classification head
+}
+
+
+def build_model(kind: str, path: str | Path, num_labels: int, dropout: float = 0.1) -> nn.Module:
+    if kind not in MODELS:
+        raise ValueError(f"unknown model kind {kind!r}; registered kinds: {', '.join(sorted(MODELS))}")
+    return MODELS[kind](path, num_labels=num_labels, dropout=dropout)
+
+
+__all__ = ["MODELS", "MeanPoolClassifier", "build_model", "load_base_model"]

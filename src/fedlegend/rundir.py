@@ -1,0 +1,136 @@
+"""A run folder: one experiment from its config to its outputs, and everything about its identity.
+
+Owns: run identity (two configs are the same run when every section the method reads is
+equal), the output files (config.toml, partitions.json, records.jsonl, summary.json, the
+plot, adapter/), the per-round checkpoint and --resume, and recognising a finished run
+(compare --resume). compare.py builds on this module; nothing here imports compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+from .config import Config, dump_config
+from .engine import Engine, engine_for
+from .engine.local import Snapshot
+from .experiment import build_experiment
+from .methods import METHODS
+from .results import RecordWriter, plot_run, summarize
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2   # 2: method state of the configure/aggregate contract (format 1 is not continued)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # ru_maxrss is KiB on Linux
+
+
+# ---------------------------------------------------------------- identity
+def run_relevant(config: dict) -> dict:
+    """A config (parsed TOML) without the [method.*] sections its method does not read: a run
+    stays the same run when another method's defaults change or a new method is added."""
+    method = dict(config.get("method", {}))
+    reg = METHODS.get(method.get("name"))
+    keep = {"name": method.get("name")}
+    if reg is not None:
+        keep[reg.section] = method.get(reg.section)
+    return {**config, "method": keep}
+
+
+def same_run(config_toml: str, cfg: Config) -> bool:
+    """Whether a saved config (TOML text) is the same run as `cfg`."""
+    return run_relevant(tomllib.loads(config_toml)) == run_relevant(tomllib.loads(dump_config(cfg)))
+
+
+def finished_run(run_dir: Path, cfg: Config) -> dict | None:
+    """The summary of a finished run of this config in run_dir, else None (for --resume)."""
+    summary, config = run_dir / "summary.json", run_dir / "config.toml"
+    if not (summary.exists() and config.exists()) or not same_run(config.read_text(), cfg):
+        return None
+    return json.loads(summary.read_text())
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, cfg: Config, snap: Snapshot, wall_clock_s: float) -> None:
+    """The local loop's state after a round; written to a temporary file and renamed, so a stop
+    while writing leaves the previous checkpoint whole."""
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, "config": dump_config(cfg), "wall_clock_s": wall_clock_s,
+                "snapshot": dict(vars(snap))}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, cfg: Config) -> tuple[Snapshot, float] | None:
+    """(snapshot, wall-clock seconds spent so far) from a checkpoint of this run's config, else None.
+    Unpickles: load only checkpoints fedlegend wrote (the run's own folder)."""
+    import torch
+
+    if not path.exists():
+        return None
+    ck = torch.load(path, weights_only=False)
+    if ck.get("format") != CHECKPOINT_FORMAT or not same_run(ck["config"], cfg):
+        return None
+    return Snapshot(**ck["snapshot"]), float(ck["wall_clock_s"])
+
+
+# ---------------------------------------------------------------- outputs
+def write_partitions(path: Path, exp) -> None:
+    path.write_text(json.dumps({
+        "labels": exp.label_names, "sizes": [len(p) for p in exp.parts],
+        "label_histograms": exp.label_histograms(),
+        "devices": [{"id": d.id, "type": d.type, "wifi_group": d.wifi_group} for d in exp.fleet.devices],
+    }, indent=1))
+
+
+def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True,
+                   engine: Engine | Callable | None = None, resume: bool = False) -> dict:
+    """Run `cfg` on its engine (`run.engine`, or `engine` when given, e.g. a deployed Flower grid:
+    an Engine or a plain function (exp, on_record, progress)) and write everything into out_dir;
+    returns the summary.
+
+    An engine that supports resume (the local loop) saves `checkpoint.pt` in out_dir after every
+    round (removed when the run ends); with resume, a checkpoint of the same config is continued
+    from its round, and the run's records, adapter and summary come out as without the stop."""
+    start = time.perf_counter()  # wall clock is reported, never used as simulated time
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    if engine is None:
+        engine = engine_for(cfg.run.engine)
+    elif not isinstance(engine, Engine):
+        engine = Engine("custom", engine)
+    earlier_s, extra = 0.0, {}
+    if engine.supports_resume:
+        found = load_checkpoint(ckpt, cfg) if resume else None
+        if found is not None:
+            print(f"{cfg.method.name}: resuming after round {found[0].round} from {ckpt}", file=sys.stderr)
+            earlier_s = found[1]
+        elif resume and ckpt.exists():
+            print(f"{cfg.method.name}: {ckpt} is of another config; starting afresh", file=sys.stderr)
+        extra = {"resume": found[0] if found else None,
+                 "on_snapshot": lambda s: save_checkpoint(ckpt, cfg, s, earlier_s + time.perf_counter() - start)}
+    (out / "config.toml").write_text(dump_config(cfg))
+    exp = build_experiment(cfg)
+    write_partitions(out / "partitions.json", exp)
+    writer = RecordWriter(out / "records.jsonl")
+    try:
+        state, records = engine.run(exp, on_record=writer, progress=progress, **extra)
+    finally:
+        writer.close()
+    exp.host.save_pretrained(out / "adapter", state)
+    summary = summarize(records, cfg.method.name, cfg.run.target_accuracy, seed=cfg.run.seed,
+                        devices=cfg.fleet.devices, wall_clock_s=earlier_s + time.perf_counter() - start,
+                        peak_rss_mb=peak_rss_mb())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_run({cfg.method.name: records}, out / "accuracy_traffic.png", cfg.run.target_accuracy)
+    ckpt.unlink(missing_ok=True)
+    return summary
