@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlegend.deploy import ISOLATIONS, LocalFederation, flwr_env, free_port
+from fedlegend.engine.flower.federation import ISOLATIONS, LocalFederation, flwr_env, free_port
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
                    f"[train]\nlocal_steps = {a.local_steps}\n")
     certs = None
     if a.tls_auth:
-        from fedlegend.certs import write_certs
+        from fedlegend.engine.flower.certs import write_certs
 
         certs = wd / "certs"
         write_certs(certs, supernodes=a.devices)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlegend.deploy import ISOLATIONS, LocalFederation, free_port
+from fedlegend.engine.flower.federation import ISOLATIONS, LocalFederation, free_port
 
 
 def main() -> int:

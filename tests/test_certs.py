@@ -2,7 +2,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedlegend.certs import write_certs
+from fedlegend.engine.flower.certs import write_certs
 from fedlegend.cli import main
 
 
@@ -28,7 +28,7 @@ def test_certs_command_refuses_to_overwrite(tmp_path, capsys):
 def test_supernode_keys_load_as_flower_loads_them(tmp_path, capsys):
     """EC (NIST P-384) key pairs in OpenSSH format, as flower-supernode and `flwr supernode register` read them."""
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
-    from flwr.cli.supernode.register import try_load_public_key
+    from fedlegend.engine.flower.flwr_compat import try_load_public_key
 
     files = write_certs(tmp_path, supernodes=2)
     assert {"supernode-0.key", "supernode-0.pub", "supernode-1.key", "supernode-1.pub"} <= set(files)

@@ -13,10 +13,11 @@ import torch
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedlegend.config import build_config  # noqa: E402
 from fedlegend.engine import flower as fl  # noqa: E402
+from fedlegend.engine.flower import client as fl_client  # noqa: E402
+from fedlegend.engine.flower.flwr_compat import TaskIdentity  # noqa: E402
 from fedlegend.engine.local import finish_round, plan_round, run_device, run_local, status_report  # noqa: E402
 from fedlegend.experiment import build_experiment  # noqa: E402
 from fedlegend.methods.base import Estimator  # noqa: E402
@@ -297,7 +298,8 @@ def test_disconnect_mid_round_superlink_error_reply(exp, flower_identity):
     """A node that disconnects mid-round: the SuperLink answers for it (src node 0, NODE_UNAVAILABLE);
     the round completes with the others and records the device as dropped."""
     from flwr.app import Error
-    from flwr.common.constant import ErrorCode
+
+    from fedlegend.engine.flower.flwr_compat import ErrorCode
 
     strategy = fl.MethodStrategy(exp)
     grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
@@ -364,8 +366,8 @@ def test_measured_reply_end_to_end(exp, flower_identity, monkeypatch):
     """Device side stamps its reply; the server turns stamps + its own send/arrival times into the record."""
     strategy = fl.MethodStrategy(exp, status="measured")
     grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
-    monkeypatch.setattr(fl._DEVICE_SIDE, "_key", fl.config_hash(strategy.config_toml))
-    monkeypatch.setattr(fl._DEVICE_SIDE, "_exp", exp)
+    monkeypatch.setattr(fl_client._DEVICE_SIDE, "_key", fl.config_hash(strategy.config_toml))
+    monkeypatch.setattr(fl_client._DEVICE_SIDE, "_exp", exp)
     msgs = list(strategy.configure_train(1, fl.state_to_record(exp.initial_state), ConfigRecord(), grid=grid))
     timed = fl.TimedGrid(grid)
     strategy._grid = timed
@@ -419,3 +421,58 @@ def test_other_hosts_and_schedules_on_the_flower_strategy(name, flower_identity)
     assert set(strategy.state) == set(state)
     for k in state:
         torch.testing.assert_close(strategy.state[k], state[k], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the package and its Flower internals
+def test_flwr_version_check():
+    """flwr_compat refuses any Flower but the one its internal imports are written for, and says how to fix it."""
+    from fedlegend.engine.flower.flwr_compat import SUPPORTED_FLWR, check_flwr_version
+
+    check_flwr_version(SUPPORTED_FLWR)
+    with pytest.raises(ImportError) as err:
+        check_flwr_version("1.42.0")
+    msg = str(err.value)
+    assert "1.42.0" in msg and SUPPORTED_FLWR in msg and f"pip install 'flwr[simulation]=={SUPPORTED_FLWR}'" in msg
+
+
+PUBLIC_FLWR = {"flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.simulation"}
+
+
+def test_non_public_flower_imports_only_in_flwr_compat():
+    """Every `import flwr...` / `from flwr... import` in src/ and tests/ is Flower's public API or goes
+    through engine/flower/flwr_compat.py (flwr.clientapp: ClientApp only)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bad = []
+    for path in [*(root / "src").rglob("*.py"), *(root / "tests").rglob("*.py")]:
+        if path.name == "flwr_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [(node.module, [a.name for a in node.names])]
+            elif isinstance(node, ast.Import):
+                mods = [(a.name, []) for a in node.names]
+            else:
+                continue
+            for mod, names in mods:
+                if mod != "flwr" and not mod.startswith("flwr."):
+                    continue
+                if mod not in PUBLIC_FLWR or (mod == "flwr.clientapp" and set(names) - {"ClientApp"}):
+                    bad.append(f"{path.relative_to(root)}:{node.lineno} {mod} {names}")
+    assert not bad, bad
+
+
+def test_package_exports_import_lazily():
+    """`from fedlegend.engine.flower import X` keeps working for the old module's names; the command-line
+    helpers (federation, certs) import neither torch nor Flower."""
+    import subprocess
+    import sys
+
+    for name in fl.__all__:
+        assert getattr(fl, name) is not None, name
+    code = ("import sys; import fedlegend.engine.flower.federation, fedlegend.engine.flower.certs; "
+            "print(sorted(m for m in ('torch', 'flwr') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

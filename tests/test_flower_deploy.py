@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from fedlegend.deploy import LocalFederation, free_port
+from fedlegend.engine.flower.federation import LocalFederation, free_port
 
 WORDS = {1: "good great fine lovely superb moving clever charming".split(),
          0: "bad awful dull boring clumsy tedious weak messy".split()}
@@ -77,7 +77,7 @@ def lora_b_norms(out) -> list[float]:
 
 def test_deployed_federation(tmp_path, tiny_assets):
     """TLS + SuperNode auth + measured status: plans differ per device, the adapter changes, records written."""
-    from fedlegend.certs import write_certs
+    from fedlegend.engine.flower.certs import write_certs
 
     t0 = time.perf_counter()
     cfg = tmp_path / "tiny.toml"

@@ -75,7 +75,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_certs(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .certs import write_certs, write_supernode_keys
+    from .engine.flower.certs import write_certs, write_supernode_keys
 
     if a.keys_only:
         files = write_supernode_keys(a.dir, range(a.first, a.first + a.supernodes))

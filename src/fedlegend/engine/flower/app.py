@@ -7,7 +7,7 @@ Run config keys (pyproject [tool.flwr.app.config], or `flwr run --run-config`):
   config      a fedlegend TOML file on the SuperLink's machine ("" = defaults)
   out         the output folder on the SuperLink's machine
   round-timeout-s  seconds to wait for a round's replies before counting a device as dropped
-  status      "measured" (default: the devices' own timing, see engine/flower.py) or "fleet"
+  status      "measured" (default: the devices' own timing, see timing.py) or "fleet"
               (the fleet's cost model, virtual seconds, as in simulation)
 Each SuperNode plays the device named by its node config: --node-config 'device-id=N'.
 """
@@ -17,8 +17,9 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..config import load_config
-from .flower import MethodStrategy, make_client_app
+from ...config import load_config
+from .client import make_client_app
+from .strategy import MethodStrategy
 
 client_app = make_client_app()
 server_app = ServerApp()
@@ -35,7 +36,7 @@ def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured"):
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    from ..runner import run_experiment
+    from ...runner import run_experiment
 
     rc = context.run_config
     cfg = load_config(str(rc["config"]) if rc.get("config") else None, {"run.engine": "flower"})

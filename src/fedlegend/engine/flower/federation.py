@@ -5,7 +5,7 @@ component runs in its own session, so stop() ends it and the processes it spawne
 (SuperExec, ClientApp, ServerApp) by its process group, never by name.
 
 isolation="process" (the default here): each SuperNode runs `--isolation process` next to
-one long-lived fedlegend worker (engine/flower_worker.py) that runs its ClientApp tasks,
+one long-lived fedlegend worker (worker.py) that runs its ClientApp tasks,
 so the model is loaded once per device, not once per message. isolation="subprocess":
 Flower's default, a fresh `flwr-clientapp` process per message.
 """
@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parents[2] / "deploy" / "flower-app"
+# this file is <repo>/src/fedlegend/engine/flower/federation.py
+APP_DIR = Path(__file__).resolve().parents[4] / "deploy" / "flower-app"
 
 
 def free_port() -> int:
@@ -126,12 +127,9 @@ class LocalFederation:
 
         What `flwr supernode register DIR/supernode-I.pub local` does, over the same Control API
         client, in this process: one Flower CLI start-up instead of one per key."""
-        from flwr.cli.supernode.register import try_load_public_key
-        from flwr.cli.typing import SuperLinkConnection
-        from flwr.cli.utils import init_http_client_from_connection
-        from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
-
         from .certs import supernode_key_paths
+        from .flwr_compat import (RegisterNodeRequest, SuperLinkConnection, init_http_client_from_connection,
+                                  try_load_public_key)
 
         conn = SuperLinkConnection("local", f"127.0.0.1:{self.port}", str(self.certs / "ca.crt"))
         with _env(FLWR_HOME=str(self.workdir / "flwr-home"), FLWR_TELEMETRY_ENABLED="0"):
@@ -166,9 +164,9 @@ class LocalFederation:
         if self.isolation != "process":
             return
         node_port = self.node_ports.setdefault(dev, free_port())
-        self._start(f"worker{dev}", [sys.executable, "-m", "fedlegend.engine.flower_worker",
+        self._start(f"worker{dev}", [sys.executable, "-m", "fedlegend.engine.flower.worker",
                                      "--runtime-api-address", f"127.0.0.1:{node_port}", "--insecure",
-                                     "--preload", "fedlegend.engine.flower_app"],
+                                     "--preload", "fedlegend.engine.flower.app"],
                     {"OMP_NUM_THREADS": str(self.threads_per_worker)})
 
     def auth_args(self, dev: int) -> list[str]:

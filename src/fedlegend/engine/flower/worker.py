@@ -9,12 +9,12 @@ executor to claim its tasks over its Runtime API; this module is such an executo
 claims CLIENT_APP tasks one at a time and runs each in its own process, with Flower's own
 steps (pull the message, context and FAB; install the FAB; load the ClientApp named in
 the FAB; call it; push the reply and the task's status), so imported modules and
-fedlegend's per-process model holder (`engine.flower._DEVICE_SIDE`) outlive a message.
+fedlegend's per-process model holder (`engine.flower.client._DEVICE_SIDE`) outlive a message.
 
-    python -m fedlegend.engine.flower_worker --runtime-api-address 127.0.0.1:9094 --insecure
+    python -m fedlegend.engine.flower.worker --runtime-api-address 127.0.0.1:9094 --insecure
 
 It serves one SuperNode (the `--port` of that SuperNode's Runtime API). Its building blocks
-are Flower 1.41 internals (flwr.supernode.runtime.run_clientapp), pinned with flwr==1.41.0.
+are Flower 1.41 internals (flwr.supernode.runtime.run_clientapp), imported through flwr_compat.py.
 A task that raises is answered with an error reply, as `flwr-clientapp` does; the worker
 goes on with the next task.
 """
@@ -33,20 +33,14 @@ from logging import ERROR, INFO
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from flwr.app import Message  # noqa: E402
-from flwr.app.error import Error  # noqa: E402
-from flwr.cli.install import install_from_fab  # noqa: E402
-from flwr.clientapp.client_app import ClientApp, LoadClientAppError  # noqa: E402
-from flwr.clientapp.utils import get_load_client_app_fn  # noqa: E402
-from flwr.common.constant import ErrorCode, SubStatus  # noqa: E402
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: E402  # pylint: disable=E0611
-from flwr.supercore import log  # noqa: E402
-from flwr.supercore.constant import TaskType  # noqa: E402
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor  # noqa: E402
-from flwr.supercore.retry import make_simple_http_retry_invoker  # noqa: E402
-from flwr.supercore.runtime import RuntimeHttpClient  # noqa: E402
-from flwr.supercore.tls import validate_and_resolve_root_certificates  # noqa: E402
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output  # noqa: E402
+from flwr.app import Error, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from .flwr_compat import (AcquireTaskRequest, ErrorCode, LoadClientAppError, RuntimeHttpClient,  # noqa: E402
+                          RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor, SendTaskHeartbeatRequest,
+                          SubStatus, TaskType, get_load_client_app_fn, install_from_fab, log,
+                          make_simple_http_retry_invoker, pull_task_input, push_message, push_task_output,
+                          validate_and_resolve_root_certificates)
 
 
 def _client(address: str, insecure: bool, certificates: bytes | None, component: str,
@@ -63,8 +57,6 @@ class _Heartbeat:
     """Keeps a task alive on the SuperNode while it runs (flwr-clientapp's heartbeat, minus its SIGINT)."""
 
     def __init__(self, client: RuntimeHttpClient, every_s: float = 5.0) -> None:
-        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
-
         self._stop = threading.Event()
 
         def beat() -> None:
@@ -162,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root-certificates", help="CA of the Runtime API's certificate, if it serves TLS")
     p.add_argument("--poll-s", type=float, default=0.2, help="seconds between polls when no task is waiting")
     p.add_argument("--preload", action="append", default=[], metavar="MODULE",
-                   help="import MODULE before serving (e.g. fedlegend.engine.flower_app), so the first task starts warm")
+                   help="import MODULE before serving (e.g. fedlegend.engine.flower.app), so the first task starts warm")
     a = p.parse_args(argv)
     for module in a.preload:
         importlib.import_module(module)

@@ -1,0 +1,184 @@
+"""The Flower engine's server side: a Strategy that runs a fedlegend Method's rounds.
+
+`plan_round` -> one TRAIN message per device with its own plan (ConfigRecord) and adapter
+slice (ArrayRecord) -> `finish_round` over the replies, which validates each one and
+aggregates with `method.aggregate` (heterogeneous keys and shapes, so not Flower's FedAvg).
+Replies that are malformed, come from a node that serves no device, or never arrive are
+recorded in the round's events and left out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from logging import INFO
+from typing import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ...config import dump_config
+from ...experiment import Experiment
+from ...lora import AdapterState
+from ...methods.base import Estimator
+from ..local import (DeviceFailure, DeviceResult, RoundOutcome, RoundPlan, finish_round, plan_round, record_round,
+                     status_report)
+from .flwr_compat import log
+from .roster import Roster, collect_replies
+from .timing import TimedGrid, measured_round_time, measured_stamps
+from .wire import STATUS_MODES, MalformedMessage, assignment_to_content, state_to_record, worker_of
+
+
+class MethodStrategy(Strategy):
+    """A Flower strategy around a fedlegend Method: per-device plans, heterogeneous aggregation.
+
+    Holds the global adapter, the estimator and the virtual clock; `records` grows by one
+    record per round, exactly as the local engine writes them. `status` ("fleet" or
+    "measured") says where devices' times come from (module docstring); Flower's simulation
+    takes "fleet" only.
+    """
+
+    def __init__(self, exp: Experiment, on_record: Callable[[dict], None] | None = None,
+                 node_wait_s: float = 120.0, status: str = "fleet", poll_s: float = 0.2) -> None:
+        if status not in STATUS_MODES:
+            raise ValueError(f"status must be one of {STATUS_MODES}, not {status!r}")
+        self.exp = exp
+        self.config_toml = dump_config(exp.cfg)
+        self.on_record = on_record
+        self.node_wait_s = node_wait_s
+        self.status = status
+        self.poll_s = poll_s
+        self.estimator = Estimator(exp.method.rho)
+        self.state: AdapterState = exp.initial_state
+        self.roster = Roster()
+        self.records: list[dict] = []
+        self.workers: dict[int, int] = {}  # worker process id -> model builds it reported (load once each)
+        self.clock = 0.0
+        self.query_timeout_s = 600.0
+        self.clock_mismatch = 0  # measured replies whose stamps disagreed with the server's clock
+        self._round: RoundPlan | None = None
+        self._sent: dict[int, int] = {}
+        self._messages: dict[int, Message] = {}
+        self._pending_events: list[dict] = []
+        self._outcome: RoundOutcome | None = None
+
+    # -- discovery
+    def _query(self, grid: Grid, nodes: list[int]) -> list[dict]:
+        n = len(self.exp.fleet)
+        query = [Message(RecordDict({"query": ConfigRecord({"num-devices": n})}), dst_node_id=node,
+                         message_type=MessageType.QUERY) for node in nodes]
+        replies = grid.send_and_receive(query, timeout=self.query_timeout_s)
+        return self.roster.admit(replies, n, set(nodes))
+
+    def connect(self, grid: Grid, timeout: float) -> Roster:
+        """Wait for the fleet's nodes (up to node_wait_s), then ask each which device it plays."""
+        n = len(self.exp.fleet)
+        self.query_timeout_s = timeout
+        deadline = time.monotonic() + self.node_wait_s
+        while len(nodes := sorted(grid.get_node_ids())) < n and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log(INFO, "fedlegend: %d nodes for %d devices", len(nodes), n)
+        self._pending_events = self._query(grid, nodes)
+        return self.roster
+
+    def refresh(self, grid: Grid) -> None:
+        """Between rounds: forget nodes that left, ask nodes that joined (a restarted SuperNode)."""
+        connected = set(grid.get_node_ids())
+        self._pending_events += self.roster.update(connected)
+        new = sorted(connected - self.roster.known())
+        if new:
+            log(INFO, "fedlegend: new nodes %s; asking which devices they play", new)
+            self._pending_events += self._query(grid, new)
+
+    # -- training
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.refresh(grid)
+        # self.state is the global adapter (`arrays` mirrors it): no tensor round trip on the server
+        self._round = plan_round(self.exp, server_round, self.state, self.estimator)
+        self._sent, self._messages = {}, {}
+        for dev, a in self._round.assignments.items():
+            node = self.roster.node_of(dev)
+            if node is None:
+                continue  # no node plays this device: finish_round records it as dropped
+            self._sent[dev] = node
+            self._messages[dev] = Message(assignment_to_content(a, self.config_toml, self.status), dst_node_id=node,
+                                          message_type=MessageType.TRAIN, group_id=str(server_round))
+        return list(self._messages.values())
+
+    def _measured(self, dev: int, res: DeviceResult, reply: Message, grid: TimedGrid | None) -> DeviceResult:
+        """A measured reply's RoundTime and status report, with the server's send and arrival times."""
+        stamps = measured_stamps(reply.content)
+        if stamps is None:
+            raise MalformedMessage("a measured round's reply lacks its time stamps (recv-at, done-at)")
+        mid = self._messages[dev].metadata.message_id
+        if grid is None or mid not in grid.sent_at or mid not in grid.arrived_at:
+            raise MalformedMessage("the server has no send/arrival time for this reply")
+        a = self._round.assignments[dev]
+        from ...lora import state_bytes
+
+        rt, agreed = measured_round_time(grid.sent_at[mid], grid.arrived_at[mid], *stamps, res.time.forward_s,
+                                         res.time.backward_s, state_bytes(a.payload), state_bytes(res.local.state))
+        self.clock_mismatch += not agreed
+        log(INFO, "fedlegend: round %d device %d measured download %.3f forward %.3f backward %.3f upload %.3f s%s",
+            self._round.round, dev, rt.download_s, rt.forward_s, rt.backward_s, rt.upload_s,
+            "" if agreed else " (clocks disagree: comm split by bytes)")
+        report = status_report(dev, rt, a.plan.depth, sum(a.plan.ranks.values()), res.local.samples)
+        return replace(res, time=rt, report=report)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._round is None or self._round.round != server_round:
+            raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
+        replies = list(replies)
+        self.workers.update(w for w in map(worker_of, replies) if w is not None)
+        sent_ids = {m.metadata.message_id: dev for dev, m in self._messages.items() if m.metadata.message_id}
+        by_device, events, messages = collect_replies(replies, self.roster, self._round, self._sent, sent_ids)
+        if self.status == "measured":
+            for dev, msg in messages.items():
+                try:
+                    by_device[dev] = self._measured(dev, by_device[dev], msg, self._grid)
+                except MalformedMessage as err:
+                    by_device[dev] = DeviceFailure(dev, "malformed", str(err))
+        out = finish_round(self.exp, self._round, self.state, self.estimator, by_device,
+                           self._pending_events + events)
+        self._pending_events = []
+        self.state = out.state
+        self.clock += out.record["round_time_s"]
+        self._outcome = out
+        metrics = {"round_time_s": out.record["round_time_s"], "accepted": len(out.record["devices"])}
+        if out.record["train_loss"] is not None:
+            metrics["train_loss"] = out.record["train_loss"]
+        return state_to_record(self.state), MetricRecord(metrics)
+
+    # -- evaluation: centrally on the server's test set, as the local engine does
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Closes round `server_round`: its record (evaluated on eval rounds) goes out."""
+        if server_round == 0 or self._outcome is None:
+            return None
+        rec = record_round(self.exp, server_round, self.clock, self.state, self._outcome)
+        self._outcome = None
+        self.records.append(rec)
+        if self.on_record:
+            self.on_record(rec)
+        return MetricRecord({"accuracy": rec["accuracy"], "loss": rec["loss"]}) if rec["accuracy"] is not None else None
+
+    def summary(self) -> None:
+        log(INFO, "\t├── fedlegend method: %s on %d devices, %s status", self.exp.method.name, len(self.exp.fleet),
+            self.status)
+
+    _grid: TimedGrid | None = None
+
+    def run(self, grid: Grid, timeout: float) -> None:
+        self._grid = TimedGrid(grid, self.poll_s)
+        self.connect(self._grid, timeout)
+        self.start(self._grid, state_to_record(self.state), num_rounds=self.exp.cfg.run.rounds, timeout=timeout,
+                   evaluate_fn=self.evaluate_round)
