@@ -1,3 +1,9 @@
+"""Shared fixtures: a tiny random BERT, a tiny run config, and tiny model specs / method contexts.
+
+The factories are session-scoped callables (stateless), so module-scoped fixtures and
+hypothesis tests can use them too.
+"""
+
 import os
 
 import pytest
@@ -6,6 +12,59 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The smallest run of the real default model and data every end-to-end test starts from:
+# 3 devices, 2 rounds of 1 local step, a 48-example test slice, evaluated every round.
+TINY_RUN = {"fleet.devices": 3, "run.rounds": 2, "train.local_steps": 1, "train.batch_size": 4,
+            "data.eval_subset": 48, "run.eval_every": 1, "run.target_accuracy": 0.5}
+
+
+def _tiny_cfg(**over):
+    """A validated Config: TINY_RUN with dotted overrides, e.g. tiny_cfg(**{"method.name": "flora"})."""
+    from fedlegend.config import build_config
+
+    return build_config({}, {**TINY_RUN, **over})
+
+
+def _model_spec(L=6, d=32, modules=("q", "v"), intermediate=None, head_bias=True, num_labels=2):
+    """A hand-made ModelSpec: L layers, each with square d x d LoRA targets `modules`."""
+    from fedlegend.spec import LoraTarget, ModelSpec
+
+    targets = tuple(LoraTarget(l, m, f"enc.layer.{l}.{m}", d, d) for l in range(L) for m in modules)
+    head = {"weight": (num_labels, d), **({"bias": (num_labels,)} if head_bias else {})}
+    return ModelSpec(num_layers=L, hidden=d, intermediate=intermediate or 4 * d, targets=targets,
+                     head_module="classifier", head_shapes=head, num_labels=num_labels)
+
+
+def _method_ctx(L=6, n=4, d=32, steps=2, batch_size=4, nominal_width=16, seed=0, alpha=2.0,
+                label_counts=(), spec=None, **spec_kw):
+    """A MethodContext on a hand-made spec (or `spec`): n devices, `steps` local steps each
+    (an int for all, or a per-device tuple)."""
+    from fedlegend.methods.base import MethodContext
+
+    spec = spec if spec is not None else _model_spec(L, d, **spec_kw)
+    local_steps = tuple(steps) if isinstance(steps, (tuple, list)) else (steps,) * n
+    return MethodContext(spec=spec, num_devices=n, local_steps=local_steps, batch_size=batch_size,
+                         nominal_width=nominal_width, seed=seed, alpha_over_rank=alpha,
+                         label_counts=tuple(tuple(c) for c in label_counts))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    """Factory of tiny run configs: tiny_cfg(**{"method.name": "fedlora", "fleet.devices": 2})."""
+    return _tiny_cfg
+
+
+@pytest.fixture(scope="session")
+def model_spec():
+    """Factory of hand-made ModelSpecs: model_spec(L=6, d=32, modules=("q", "v"))."""
+    return _model_spec
+
+
+@pytest.fixture(scope="session")
+def method_ctx():
+    """Factory of tiny MethodContexts: method_ctx(L=6, n=4, d=32, steps=2, alpha=2.0, label_counts=...)."""
+    return _method_ctx
 
 
 @pytest.fixture

@@ -1,103 +1,116 @@
 import pytest
+import torch
 
-from fedlegend.lora import LoraTarget, ModelSpec
-from fedlegend.methods import METHODS, MethodContext, make_method
-from fedlegend.methods.base import Estimate
+from fedlegend.config import ConfigError, build_config
+from fedlegend.methods import METHODS, make_method
+from fedlegend.methods.aggregation import DeviceUpdate, with_zero_residuals
+from fedlegend.methods.base import Aggregated, Assignment, Estimate, RoundView, Skip
 from fedlegend.methods.legend import PlanError
 
 
-def ctx(L=6, n=4):
-    t = tuple(LoraTarget(l, m, f"enc.layer.{l}.{m}", 32, 32) for l in range(L) for m in ("q", "v"))
-    spec = ModelSpec(L, 32, 128, t, "classifier", {"weight": (2, 32), "bias": (2,)})
-    return MethodContext(spec, n, local_steps=2, batch_size=4, nominal_width=16)
+def configure(m, round_, devices, est=None, budgets=None, state=None):
+    """The method's answer for a round; `state` defaults to an empty global adapter (plans only)."""
+    return m.configure(RoundView(round_, list(devices), dict(est or {}), dict(budgets or {})),
+                       {} if state is None else state)
 
 
-def test_registry_and_unknown_method():
+def plans(m, round_, devices, est=None, budgets=None, state=None):
+    """device -> LoraPlan of the devices with an Assignment (Skips left out)."""
+    return {i: a.plan for i, a in configure(m, round_, devices, est, budgets, state).items()
+            if isinstance(a, Assignment)}
+
+
+def test_registry_and_unknown_method(method_ctx):
     assert {"legend", "fedlora"} <= set(METHODS)
     with pytest.raises(ValueError, match="registered methods: .*fedlora, fedra.*legend"):
-        make_method("fedsomething", ctx(), {})
+        make_method("fedsomething", method_ctx(), {})
+    with pytest.raises(ConfigError, match="unknown method 'fedsomething'"):   # the config checks the same list
+        build_config({}, {"method.name": "fedsomething"})
 
 
-def test_rank_budget_too_small_for_depth():
+def test_presets_carry_their_registry_name(method_ctx):
+    for name in ("legend-wo-ld", "legend-wo-rd"):
+        m = make_method(name, method_ctx(), {})
+        assert m.info.name == name and METHODS[name].section == "legend"
+
+
+def test_rank_budget_too_small_for_depth(method_ctx):
     with pytest.raises(PlanError, match="psi >= 21"):
-        make_method("legend", ctx(), {"legend": {"rank_budget": 20}})
+        make_method("legend", method_ctx(), {"legend": {"rank_budget": 20}})
     with pytest.raises(PlanError, match="larger than the model"):
-        make_method("legend", ctx(), {"legend": {"min_depth": 7}})
+        make_method("legend", method_ctx(), {"legend": {"min_depth": 7}})
 
 
-def test_legend_first_round_profiles_at_full_depth_then_adapts():
-    m = make_method("legend", ctx(), {"legend": {"rank_budget": 48}})
-    plans = m.plan(1, [0, 1, 2, 3], {}, {})
-    assert all(p.depth == 6 for p in plans.values())
-    assert plans[0].ranks == {0: 5, 1: 6, 2: 7, 3: 8, 4: 9, 5: 10}
+def test_legend_first_round_profiles_at_full_depth_then_adapts(method_ctx):
+    m = make_method("legend", method_ctx(), {"legend": {"rank_budget": 48}})
+    p = plans(m, 1, [0, 1, 2, 3])
+    assert all(x.depth == 6 for x in p.values())
+    assert p[0].ranks == {0: 5, 1: 6, 2: 7, 3: 8, 4: 9, 5: 10}
     est = {0: Estimate(0.1, 0.01, 0.001), 1: Estimate(1.0, 0.5, 0.01), 2: Estimate(2.0, 2.0, 0.02),
            3: Estimate(10.0, 10.0, 0.05)}
-    plans = m.plan(2, [0, 1, 2, 3], est, {})
-    depths = {i: p.depth for i, p in plans.items()}
+    p = plans(m, 2, [0, 1, 2, 3], est)
+    depths = {i: x.depth for i, x in p.items()}
     assert depths[0] == 6 and depths[3] == 1 and depths[0] >= depths[1] >= depths[2] >= depths[3]
-    assert plans[3].ranks == {5: 10}          # the top layer, with the largest rank
+    assert p[3].ranks == {5: 10}          # the top layer, with the largest rank
 
 
-def test_legend_ablations():
-    wo_rd = make_method("legend-wo-rd", ctx(), {"legend": {"rank_budget": 48}})
+def test_legend_ablations(method_ctx):
+    wo_rd = make_method("legend-wo-rd", method_ctx(), {"legend": {"rank_budget": 48}})
     assert set(wo_rd.global_ranks().values()) == {8}
-    wo_ld = make_method("legend-wo-ld", ctx(), {"legend": {"rank_budget": 48}})
+    wo_ld = make_method("legend-wo-ld", method_ctx(), {"legend": {"rank_budget": 48}})
     est = {i: Estimate(1.0 + 9 * i, 1.0 + 9 * i, 0.01) for i in range(4)}
-    assert {p.depth for p in wo_ld.plan(2, [0, 1, 2, 3], est, {}).values()} == {6}
+    assert {x.depth for x in plans(wo_ld, 2, [0, 1, 2, 3], est).values()} == {6}
 
 
-def test_legend_budget_excludes_or_trims():
-    m = make_method("legend", ctx(), {"legend": {"rank_budget": 48}})
+def test_legend_budget_excludes_or_trims(method_ctx):
+    m = make_method("legend", method_ctx(), {"legend": {"rank_budget": 48}})
     est = {0: Estimate(1.0, 1.0, 0.01), 1: Estimate(1.0, 1.0, 0.01)}
     tiny = {0: (1.0, 1.0), 1: (float("inf"), float("inf"))}     # device 0 can afford nothing
-    plans = m.plan(2, [0, 1], est, tiny)
-    assert 0 not in plans and plans[1].depth == 6
+    out = configure(m, 2, [0, 1], est, tiny)
+    assert isinstance(out[0], Skip) and "no feasible plan" in out[0].reason
+    assert out[1].plan.depth == 6
 
 
-def test_fedlora_same_rank_everywhere():
-    m = make_method("fedlora", ctx(), {"fedlora": {"rank": 8}})
-    plans = m.plan(1, [0, 1], {}, {})
-    assert all(p.ranks == {l: 8 for l in range(6)} for p in plans.values())
+def test_fedlora_same_rank_everywhere(method_ctx):
+    m = make_method("fedlora", method_ctx(), {"fedlora": {"rank": 8}})
+    p = plans(m, 1, [0, 1])
+    assert set(p) == {0, 1} and all(x.ranks == {l: 8 for l in range(6)} for x in p.values())
 
 
-def test_hetlora_family_ranks_follow_capacity_and_assign_truncates():
-    import torch
-
+def test_hetlora_family_ranks_follow_capacity_and_assign_truncates(method_ctx):
     est = {0: Estimate(0.1, 0.1, 0.001), 1: Estimate(5.0, 5.0, 0.01)}
     for name in ("hetlora", "flexlora", "hlora"):
-        m = make_method(name, ctx(n=2), {name: {"rank_min": 2, "rank_max": 16}})
+        m = make_method(name, method_ctx(n=2), {name: {"rank_min": 2, "rank_max": 16}})
         assert set(m.global_ranks().values()) == {16}
-        plans = m.plan(2, [0, 1], est, {})
-        assert plans[0].ranks[0] == 16 and plans[1].ranks[0] < 16 and plans[1].depth == 6
-        g = {"layers.0.q.lora_A": torch.randn(16, 32), "layers.0.q.lora_B": torch.randn(32, 16), "head.weight": torch.zeros(2, 32)}
-        sent = m.assign(g, plans[1])
-        r = plans[1].ranks[0]
+        g = {"layers.0.q.lora_A": torch.randn(16, 32), "layers.0.q.lora_B": torch.randn(32, 16),
+             "head.weight": torch.zeros(2, 32)}
+        out = configure(m, 2, [0, 1], est, state=g)
+        p = {i: a.plan for i, a in out.items()}
+        assert p[0].ranks[0] == 16 and p[1].ranks[0] < 16 and p[1].depth == 6
+        sent = out[1].payload
+        r = p[1].ranks[0]
         assert sent["layers.0.q.lora_A"].shape == (r, 32) and sent["layers.0.q.lora_B"].shape == (32, r)
         assert torch.equal(sent["layers.0.q.lora_A"], g["layers.0.q.lora_A"][:r])
 
 
-def test_fedra_random_layers_by_capacity_and_seeded():
+def test_fedra_random_layers_by_capacity_and_seeded(method_ctx):
     est = {0: Estimate(0.1, 0.1, 0.001), 1: Estimate(5.0, 5.0, 0.01)}
-    m = make_method("fedra", ctx(n=2), {})
-    p1, p2 = m.plan(3, [0, 1], est, {}), m.plan(3, [0, 1], est, {})
+    m = make_method("fedra", method_ctx(n=2), {})
+    p1, p2 = plans(m, 3, [0, 1], est), plans(m, 3, [0, 1], est)
     assert p1[0].layers == list(range(6)) and 1 <= p1[1].depth < 6
     assert p1[1].layers == p2[1].layers
-    assert any(m.plan(r, [0, 1], est, {})[1].layers != p1[1].layers for r in range(4, 10))
+    assert any(plans(m, r, [0, 1], est)[1].layers != p1[1].layers for r in range(4, 10))
 
 
-def test_hetlora_self_pruning_lowers_rank():
-    import torch
-
-    from fedlegend.methods.base import DeviceUpdate
-
-    m = make_method("hetlora", ctx(n=1), {"hetlora": {"rank_min": 2, "rank_max": 4, "self_pruning": True}})
+def test_hetlora_self_pruning_lowers_rank(method_ctx):
+    m = make_method("hetlora", method_ctx(n=1), {"hetlora": {"rank_min": 2, "rank_max": 4, "self_pruning": True}})
     a = torch.zeros(4, 32)
     a[0, 0] = 1.0
     b = torch.zeros(32, 4)
     b[0, 0] = 1.0                                  # all energy in the first component
     g = {"layers.0.q.lora_A": torch.zeros(4, 32), "layers.0.q.lora_B": torch.zeros(32, 4), "head.weight": torch.zeros(2, 32)}
-    m.aggregate(g, [DeviceUpdate(0, {"layers.0.q.lora_A": a, "layers.0.q.lora_B": b, "head.weight": torch.zeros(2, 32)}, 4)])
-    assert m.plan(2, [0], {}, {})[0].ranks[0] == 3
+    m.aggregate(1, g, [DeviceUpdate(0, {"layers.0.q.lora_A": a, "layers.0.q.lora_B": b, "head.weight": torch.zeros(2, 32)}, 4)])
+    assert plans(m, 2, [0])[0].ranks[0] == 3
 
 
 # ------------------------------------------------------------------ HierFedLoRA
@@ -126,53 +139,88 @@ def test_frequency_and_depth_fills_the_period():
     assert frequency_and_depth(lambda d: 10.0 + d, 2.0, 6, 4, 2) == (1, 2)
 
 
-def test_hierfedlora_ticks_clock_and_aggregation():
-    import torch
-    from fedlegend.methods.base import DeviceUpdate
-
-    c = ctx(L=4, n=4)
-    c = MethodContext(c.spec, 4, 2, 4, 16, label_counts=((5, 5), (5, 5), (5, 5), (5, 5)))
+def test_hierfedlora_ticks_clock_and_aggregation(method_ctx):
+    c = method_ctx(L=4, n=4, label_counts=((5, 5),) * 4)
     m = make_method("hierfedlora", c, {"hierfedlora": {"groups": 2, "rank": 2, "max_frequency": 3}})
     devs = [0, 1, 2, 3]
-    plans = m.plan(1, devs, {}, {})                      # profiling: every group (1, L)
-    assert set(plans) == set(devs) and all(p.depth == 4 for p in plans.values())
-    assert sorted(len(g) for g in m.groups) == [2, 2]
-    # group of device 0 is fast, the other slow
-    fast = set(m.groups[m.group_of[0]])
-    est = {i: Estimate(0.1, 0.1, 0.0) if i in fast else Estimate(1.0, 1.0, 0.0) for i in devs}
     g0 = {f"layers.{l}.{mod}.lora_{p}": torch.zeros(2, 32) if p == "A" else torch.zeros(32, 2)
           for l in range(4) for mod in ("q", "v") for p in "AB"}
     g0["head.weight"] = torch.zeros(2, 32)
-    m.round_timing({i: 1.0 for i in devs})
-    state = m.aggregate(g0, [DeviceUpdate(i, m.assign(g0, plans[i]), 10) for i in devs])
-    plans = m.plan(2, devs, est, {})
+    out = configure(m, 1, devs, state=g0)                  # profiling: every group (1, L)
+    assert all(isinstance(a, Assignment) and a.plan.depth == 4 for a in out.values()) and set(out) == set(devs)
+    assert sorted(len(g) for g in m.groups) == [2, 2]
+    state = m.aggregate(1, g0, [DeviceUpdate(i, out[i].payload, 10, time_s=1.0) for i in devs]).state
+    # the group of device 0 is fast, the other slow. Period T = median full-depth time = (1.3 + 5) / 2:
+    # fast t(d) = 0.1 + 0.3 d -> (tau 3, d 3) = 9 layer updates; slow t(d) = 1 + d -> (1, 2)
+    fast = set(m.groups[m.group_of[0]])
+    est = {i: Estimate(0.1, 0.3, 0.0) if i in fast else Estimate(1.0, 1.0, 0.0) for i in devs}
+    out = configure(m, 2, devs, est, state=state)
     gf, gs = m.group_of[0], 1 - m.group_of[0]
-    assert m.tau[gf] > 1 and m.tau[gs] == 1 and m.depth[gf] >= m.depth[gs]
-    assert set(plans) == set(devs)
+    assert (m.tau[gf], m.depth[gf]) == (3, 3) and (m.tau[gs], m.depth[gs]) == (1, 2)
+    assert all(isinstance(a, Assignment) for a in out.values())
+    ones = lambda a, v=1.0: {k: torch.full_like(t, v) for k, t in a.payload.items()}
     # tick 1: both groups train; the slow group's last iteration; clock = the slow group's time
     times = {i: (0.5 if i in fast else 3.0) for i in devs}
-    rt, waits = m.round_timing(times)
-    assert rt == 3.0
-    ones = lambda p: {k: torch.ones_like(v) for k, v in m.assign(state, p).items()}
-    new = m.aggregate(state, [DeviceUpdate(i, ones(plans[i]), 10) for i in devs])
-    assert all(torch.equal(new[k], state[k]) for k in state)   # no global aggregation before the last tick
-    # tick 2: only the fast group; its clock (1.0) stays below the slow group's (3.0): no time passes
-    plans = m.plan(3, devs, est, {})
-    assert set(plans) == fast
-    assert m.idle_reason(next(i for i in devs if i not in fast)).startswith(f"group {gs}")
-    rt, _ = m.round_timing({i: 0.5 for i in fast})
-    assert rt == 0.0
-    for t in range(3, m.tau[gf] + 1):
-        plans = m.plan(t + 1, devs, est, {})
-        m.round_timing({i: 0.5 for i in fast})
-        if t < m.tau[gf]:
-            m.aggregate(state, [DeviceUpdate(i, ones(plans[i]), 10) for i in fast])
-    last = [DeviceUpdate(i, {k: 3 * v for k, v in ones(plans[i]).items()}, 10) for i in fast]
-    new = m.aggregate(state, last)
-    # global aggregation: layers both groups trained average the groups' states
-    top = f"layers.3.q.lora_A"
-    assert not torch.equal(new[top], state[top])
-    low = f"layers.0.q.lora_A"
-    if m.depth[gf] < 4 and m.depth[gs] < 4:
-        assert torch.equal(new[low], state[low])   # nobody trained layer 0
-    assert m.plan(99, devs, est, {}).keys() == set(devs)        # the next global round starts
+    agg = m.aggregate(2, state, [DeviceUpdate(i, ones(out[i]), 10, time_s=times[i]) for i in devs])
+    assert isinstance(agg, Aggregated) and agg.round_time_s == 3.0
+    assert all(agg.waiting_s[i] == 0.0 for i in devs if i not in fast)
+    assert all(torch.equal(agg.state[k], state[k]) for k in state)   # no global aggregation before the last tick
+    # ticks 2 and 3: only the fast group; its clock (1.0, 1.5) stays below the slow group's (3.0): no time passes
+    for tick, round_ in ((2, 3), (3, 4)):
+        out = configure(m, round_, devs, est, state=state)
+        assert {i for i, a in out.items() if isinstance(a, Assignment)} == fast
+        idle = next(i for i in devs if i not in fast)
+        assert isinstance(out[idle], Skip) and out[idle].reason.startswith(f"group {gs}")
+        value = 3.0 if tick == 3 else 1.0
+        agg = m.aggregate(round_, state, [DeviceUpdate(i, ones(out[i], value), 10, time_s=0.5) for i in fast])
+        assert agg.round_time_s == 0.0
+    new = agg.state
+    # global aggregation after the last tick: each tensor over the groups that trained it, by samples
+    # (fast: 2 devices x 3 ticks x 10, slow: 2 x 1 x 10); the fast group's last intra-group model is 3
+    both, fast_only, nobody = "layers.3.q.lora_A", "layers.1.q.lora_A", "layers.0.q.lora_A"
+    assert torch.allclose(new[both], torch.full_like(state[both], (3.0 * 60 + 1.0 * 20) / 80))
+    assert torch.equal(new[fast_only], torch.full_like(state[fast_only], 3.0))
+    assert torch.equal(new[nobody], state[nobody])          # nobody trained layer 0: kept
+    assert plans(m, 99, devs, est).keys() == set(devs)        # the next global round starts
+
+
+# ------------------------------------------------------------------ the contract, for every registered method
+def _host_and_state(kind, model, spec, ranks):
+    from fedlegend.hosts import build_host
+
+    host = build_host(kind, model, spec, ranks)
+    return host, host.read(host.GLOBAL)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_implements_the_contract(name, tiny_bert, method_ctx):
+    """configure answers every device with an Assignment (int wire size > 0, a payload that fits
+    its plan's layout on the method's host) or a Skip; aggregate with no updates keeps the global adapter."""
+    from fedlegend.spec import inspect_model
+
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    devs = [0, 1, 2, 3]
+    ctx = method_ctx(spec=spec, n=len(devs), steps=(1, 2, 3, 4), label_counts=((6, 2), (2, 6), (4, 4), (5, 3)))
+    m = make_method(name, ctx, {})
+    assert m.info.name == name and m.info.host in ("lora", "bottleneck")
+    host, g = _host_and_state(m.info.host, tiny_bert, spec, m.global_ranks())
+    if m.info.residual:
+        g = with_zero_residuals(g)
+    est = {i: Estimate(0.5 * (i + 1), 0.1 * (i + 1), 1e-3) for i in devs}
+    for round_, view in ((1, RoundView(1, devs)),
+                         (2, RoundView(2, devs, est, {i: (float("inf"), float("inf")) for i in devs}))):
+        out = m.configure(view, g)
+        assert set(out) == set(devs)
+        assert any(isinstance(a, Assignment) for a in out.values())
+        for i, a in out.items():
+            assert isinstance(a, (Assignment, Skip)), (i, a)
+            if isinstance(a, Skip):
+                assert isinstance(a.reason, str) and a.reason
+                continue
+            assert a.device == i and a.plan.depth >= 1
+            assert type(a.download_bytes) is int and a.download_bytes > 0
+            assert set(a.payload) <= set(g)
+            host.load(host.use(a.plan.ranks), a.payload)      # the payload fits the plan's layout
+        agg = m.aggregate(round_, g, [])
+        assert isinstance(agg, Aggregated)
+        assert set(agg.state) == set(g) and all(torch.equal(agg.state[k], g[k]) for k in g)
