@@ -20,7 +20,7 @@ from fedlegend.engine.flower import client as fl_client  # noqa: E402
 from fedlegend.engine.flower.flwr_compat import TaskIdentity  # noqa: E402
 from fedlegend.engine.local import finish_round, plan_round, run_device, run_local, status_report  # noqa: E402
 from fedlegend.experiment import build_experiment  # noqa: E402
-from fedlegend.methods.base import Estimator  # noqa: E402
+from fedlegend.methods.base import Estimator, LoraPlan  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -177,24 +177,26 @@ def test_good_reply_aggregates_like_local_engine(exp, flower_identity):
     events = strategy._outcome.record["events"]
     assert [(e["kind"], e["device"]) for e in events] == [("malformed", 1), ("malformed", 2)]
     assert "serves device 1" in events[0]["detail"] and "round 5" in events[1]["detail"]
-    rp = plan_round(exp, 1, g, Estimator(exp.method.rho))
-    expected = finish_round(exp, rp, g, Estimator(exp.method.rho), {0: good})
+    rp = plan_round(exp, 1, g, Estimator(exp.method.info.rho))
+    expected = finish_round(exp, rp, g, Estimator(exp.method.info.rho), {0: good})
     for k in g:
         torch.testing.assert_close(strategy.state[k], expected.state[k], atol=0, rtol=0)
     assert strategy._outcome.record["devices"] == expected.record["devices"]
 
 
 def test_wire_round_trip(exp):
-    plan = exp.method.plan(1, [0, 1, 2], {}, {})[1]
-    payload = exp.method.assign(exp.initial_state, plan)
-    from fedlegend.engine.local import Assignment
+    from fedlegend.engine.local import Dispatch
+    from fedlegend.methods import Assignment, RoundView
 
-    a = Assignment(1, plan, payload, 2, 0.001)
+    given = exp.method.configure(RoundView(1, [0, 1, 2]), exp.initial_state)[1]
+    plan, payload = given.plan, given.payload
+    a = Dispatch(1, given, 2, 0.001)
     back, toml = fl.content_to_assignment(fl.assignment_to_content(a, "x = 1\n"))
     assert back.plan.ranks == plan.ranks and (back.round, back.steps, back.lr) == (1, 2, 0.001) and toml == "x = 1\n"
     assert all(torch.equal(back.payload[k], payload[k]) for k in payload)
-    assert back.download_bytes is None
-    sized = fl.content_to_assignment(fl.assignment_to_content(Assignment(1, plan, payload, 2, 0.001, 1234), ""))[0]
+    assert back.download_bytes == given.download_bytes
+    sized = fl.content_to_assignment(fl.assignment_to_content(Dispatch(1, Assignment(plan, payload, 1234), 2, 0.001),
+                                                              ""))[0]
     assert sized.download_bytes == 1234     # the server's wire size (FLoRA) reaches the device's cost model
     res = run_device(exp, a)
     parsed = fl.content_to_result(fl.result_to_content(res, 1), 1, 1)
@@ -337,7 +339,7 @@ def test_measured_round_time_same_clock():
     rt, agreed = fl.measured_round_time(sent_at=100.0, arrived_at=110.0, recv_at=101.5, done_at=107.0,
                                         forward_s=1.0, backward_s=3.0, bytes_down=4000, bytes_up=1000)
     assert agreed and (rt.download_s, rt.forward_s, rt.backward_s, rt.upload_s) == (1.5, 1.0, 3.0, 3.0)
-    rep = status_report(7, rt, depth=3, rank_sum=12, samples=8)
+    rep = status_report(7, rt, LoraPlan(7, {0: 2, 1: 4, 2: 6}), samples=8)
     assert (rep.fixed_s, rep.backward_per_layer_s, rep.upload_per_rank_s) == (2.5, 1.0, 0.25)
 
 
@@ -407,7 +409,7 @@ def test_other_hosts_and_schedules_on_the_flower_strategy(name, flower_identity)
 
     exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 3}))
     local = dataclasses.replace(exp, method=copy.deepcopy(exp.method))   # same host, its own method state
-    state, est, local_recs = local.initial_state, Estimator(local.method.rho), []
+    state, est, local_recs = local.initial_state, Estimator(local.method.info.rho), []
     for h in (1, 2):
         out = run_round(local, h, state, est)
         state = out.state

@@ -44,7 +44,7 @@ def _overrides(a: argparse.Namespace) -> dict:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .results import format_summary
-    from .runner import run_experiment
+    from .rundir import run_experiment
 
     cfg = load_config(a.config, _overrides(a))
     out = a.out or f"runs/{cfg.method.name}-seed{cfg.run.seed}"
@@ -58,12 +58,9 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import run_compare
-    from .methods import METHODS
+    from .methods import check_method
 
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; registered methods: {', '.join(sorted(METHODS))}")
+    methods = [check_method(m.strip()) for m in a.methods.split(",") if m.strip()]
     seeds = [int(s) for s in a.seeds.split(",")]
     cfg = load_config(a.config, _overrides(a))
     print(f"fedlegend compare: {', '.join(methods)} x seeds {seeds} -> {a.out}", file=sys.stderr)
@@ -99,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlegend", description="Federated LoRA fine-tuning on heterogeneous devices")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one method on the simulated fleet")
-    from .methods import METHODS
+    from .methods import method_list
 
-    run.add_argument("--method", help=f"registered method: legend (default), {', '.join(sorted(set(METHODS) - {'legend'}))}")
+    run.add_argument("--method", help=f"registered method (default legend): {method_list()}")
     run.add_argument("--out", help="output folder (default runs/METHOD-seedSEED)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run of the same config in --out from its last round (checkpoint.pt)")

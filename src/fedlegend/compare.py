@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .results import read_records, time_to_target
+from .results import plot_accuracy, pyplot, read_records, save, time_to_target
 from .rundir import finished_run, run_experiment
 
 CSV_FIELDS = ["method", "seed", "target_accuracy", "final_accuracy", "time_to_target_s", "bytes_to_target",
@@ -97,24 +97,18 @@ def write_outputs(out: Path, rows: list[dict], methods: list[str], seeds: list[i
 
 
 def plot_compare(out: Path, rows: list[dict], methods: list[str], seeds: list[int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The paper's figures from a compare: fig. 7 (accuracy vs time, first seed), figs. 8, 11, 12
+    (time, traffic, waiting: mean ± std over seeds) and, with LEGEND's ablations, fig. 13."""
+    plt = pyplot()
     seed = seeds[0]
+
+    def records(m: str) -> list[dict]:
+        return read_records(out / f"{m}-seed{seed}" / "records.jsonl")
+
     fig, ax = plt.subplots(figsize=(6, 4))                      # fig. 7: accuracy vs time
-    for m in methods:
-        ev = [r for r in read_records(out / f"{m}-seed{seed}" / "records.jsonl") if r["accuracy"] is not None]
-        ax.plot([r["virtual_time_s"] for r in ev], [100 * r["accuracy"] for r in ev], marker="o", ms=3, label=m)
     tgt = next(r["target_accuracy"] for r in rows if r["seed"] == seed)
-    ax.axhline(100 * tgt, ls="--", c="grey", lw=1, label=f"target {100 * tgt:.1f}%")
-    ax.set(xlabel="virtual time (s)", ylabel="test accuracy (%)", title=f"Accuracy vs time (seed {seed})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "fig7_accuracy_vs_time.png", dpi=120)
-    plt.close(fig)
+    plot_accuracy(ax, {m: records(m) for m in methods}, tgt, title=f"Accuracy vs time (seed {seed})")
+    save(fig, out / "fig7_accuracy_vs_time.png")
 
     for key, scale, label, name in (("time_to_target_s", 1, "time to target (s)", "fig8_time_to_target"),
                                     ("bytes_to_target", 1e-6, "traffic to target (MB)", "fig11_traffic_to_target"),
@@ -128,19 +122,10 @@ def plot_compare(out: Path, rows: list[dict], methods: list[str], seeds: list[in
         ax.bar(methods, means, yerr=stds, capsize=4, color="tab:blue")
         ax.set(ylabel=label, title=f"{label}, mean ± std over {len(seeds)} seed(s)")
         ax.tick_params(axis="x", rotation=30)
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=120)
-        plt.close(fig)
+        save(fig, out / f"{name}.png")
 
     ablations = [m for m in ("legend", "legend-wo-ld", "legend-wo-rd") if m in methods]
     if len(ablations) > 1:                                       # fig. 13
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m in ablations:
-            ev = [r for r in read_records(out / f"{m}-seed{seed}" / "records.jsonl") if r["accuracy"] is not None]
-            ax.plot([r["virtual_time_s"] for r in ev], [100 * r["accuracy"] for r in ev], marker="o", ms=3, label=m)
-        ax.set(xlabel="virtual time (s)", ylabel="test accuracy (%)", title="Ablation: LoRA depth / rank distribution")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "fig13_ablation.png", dpi=120)
-        plt.close(fig)
+        plot_accuracy(ax, {m: records(m) for m in ablations}, title="Ablation: LoRA depth / rank distribution")
+        save(fig, out / "fig13_ablation.png")

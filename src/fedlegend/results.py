@@ -56,29 +56,45 @@ def read_records(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_run(records_by_method: dict[str, list[dict]], out_png: Path, target: float | None = None) -> None:
-    """Accuracy vs virtual time, and cumulative traffic vs virtual time, one line per method."""
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on servers and in CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+
+def plot_accuracy(ax, records_by_method: dict[str, list[dict]], target: float | None = None,
+                  title: str = "Accuracy vs time") -> None:
+    """Test accuracy of the evaluated rounds against virtual time, one line per method (fig. 7)."""
     for name, recs in records_by_method.items():
         ev = [r for r in recs if r["accuracy"] is not None]
-        ax1.plot([r["virtual_time_s"] for r in ev], [100 * r["accuracy"] for r in ev], marker="o", ms=3, label=name)
-        traffic = np.cumsum([r["bytes_down"] + r["bytes_up"] for r in recs]) / 1e6
-        ax2.plot([r["virtual_time_s"] for r in recs], traffic, label=name)
+        ax.plot([r["virtual_time_s"] for r in ev], [100 * r["accuracy"] for r in ev], marker="o", ms=3, label=name)
     if target is not None:
-        ax1.axhline(100 * target, ls="--", c="grey", lw=1, label=f"target {100 * target:.1f}%")
-    ax1.set(xlabel="virtual time (s)", ylabel="test accuracy (%)", title="Accuracy vs time")
-    ax2.set(xlabel="virtual time (s)", ylabel="cumulative traffic (MB)", title="Traffic (down + up)")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.axhline(100 * target, ls="--", c="grey", lw=1, label=f"target {100 * target:.1f}%")
+    ax.set(xlabel="virtual time (s)", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def save(fig, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
+
+
+def plot_run(records_by_method: dict[str, list[dict]], out_png: Path, target: float | None = None) -> None:
+    """Accuracy vs virtual time, and cumulative traffic vs virtual time, one line per method."""
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
+    plot_accuracy(ax1, records_by_method, target)
+    for name, recs in records_by_method.items():
+        traffic = np.cumsum([r["bytes_down"] + r["bytes_up"] for r in recs]) / 1e6
+        ax2.plot([r["virtual_time_s"] for r in recs], traffic, label=name)
+    ax2.set(xlabel="virtual time (s)", ylabel="cumulative traffic (MB)", title="Traffic (down + up)")
+    ax2.grid(alpha=0.3)
+    ax2.legend()
+    save(fig, out_png)
 
 
 def format_summary(summary: dict) -> str:

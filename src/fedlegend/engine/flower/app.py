@@ -1,7 +1,7 @@
 """ServerApp and ClientApp objects for Flower's Deployment Runtime (`flwr run`).
 
 `deploy/flower-app/pyproject.toml` points Flower at `server_app` and `client_app` here.
-The ServerApp runs a whole experiment through runner.run_experiment, so a deployed run
+The ServerApp runs a whole experiment through rundir.run_experiment, so a deployed run
 writes the same records.jsonl, summary.json, plot and adapter/ as `fedlegend run`.
 Run config keys (pyproject [tool.flwr.app.config], or `flwr run --run-config`):
   config      a fedlegend TOML file on the SuperLink's machine ("" = defaults)
@@ -26,7 +26,7 @@ server_app = ServerApp()
 
 
 def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured"):
-    """An engine function for runner.run_experiment: the rounds over `grid`'s SuperNodes."""
+    """An engine function for rundir.run_experiment: the rounds over `grid`'s SuperNodes."""
     def engine(exp, on_record=None, progress=False):
         strategy = MethodStrategy(exp, on_record, status=status)
         strategy.run(grid, round_timeout_s)
@@ -36,7 +36,7 @@ def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured"):
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    from ...runner import run_experiment
+    from ...rundir import run_experiment
 
     rc = context.run_config
     cfg = load_config(str(rc["config"]) if rc.get("config") else None, {"run.engine": "flower"})

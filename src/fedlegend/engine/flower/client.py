@@ -1,6 +1,6 @@
 """The Flower engine's client side: a ClientApp that plays one device of the fleet.
 
-It rebuilds the Assignment from a TRAIN message and calls the local engine's `run_device`,
+It rebuilds the Dispatch from a TRAIN message and calls the local engine's `run_device`,
 so training and the fleet's cost model (virtual seconds) are the same code as in
 engine/local.py; in measured status it times the training with its own clock (timing.py).
 """
@@ -86,8 +86,7 @@ def handle_train(message: Message, context: Context) -> Message:
             train_s = time.perf_counter() - t0
         if isinstance(res, DeviceResult):
             rt = RoundTime(0.0, fwd.seconds, max(train_s - fwd.seconds, 0.0), 0.0)  # comm: the server's part
-            res = replace(res, time=rt, report=status_report(dev, rt, a.plan.depth, sum(a.plan.ranks.values()),
-                                                             res.local.samples))
+            res = replace(res, time=rt, report=status_report(dev, rt, a.plan, res.local.samples))
         extra.update({"recv-at": recv_at, "done-at": time.time()})
     return Message(result_to_content(res, a.round, extra), reply_to=message)
 

@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ...experiment import Experiment
-from ...lora import AdapterState
+from ...spec import AdapterState
 from .client import make_client_app
 from .strategy import MethodStrategy
 
@@ -48,7 +48,7 @@ def run_flower(exp: Experiment, on_record: Callable[[dict], None] | None = None,
     like engine.local.run_local."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=exp.cfg.run.rounds, desc=f"{exp.method.name} (flower)", unit="round", disable=not progress)
+    bar = tqdm(total=exp.cfg.run.rounds, desc=f"{exp.method.info.name} (flower)", unit="round", disable=not progress)
 
     def emit(rec: dict) -> None:
         bar.update(1)

@@ -20,8 +20,8 @@ from flwr.serverapp.strategy import Strategy
 
 from ...config import dump_config
 from ...experiment import Experiment
-from ...lora import AdapterState
 from ...methods.base import Estimator
+from ...spec import AdapterState, state_bytes
 from ..local import (DeviceFailure, DeviceResult, RoundOutcome, RoundPlan, finish_round, plan_round, record_round,
                      status_report)
 from .flwr_compat import log
@@ -49,7 +49,7 @@ class MethodStrategy(Strategy):
         self.node_wait_s = node_wait_s
         self.status = status
         self.poll_s = poll_s
-        self.estimator = Estimator(exp.method.rho)
+        self.estimator = Estimator(exp.method.info.rho)
         self.state: AdapterState = exp.initial_state
         self.roster = Roster()
         self.records: list[dict] = []
@@ -116,15 +116,13 @@ class MethodStrategy(Strategy):
         if grid is None or mid not in grid.sent_at or mid not in grid.arrived_at:
             raise MalformedMessage("the server has no send/arrival time for this reply")
         a = self._round.assignments[dev]
-        from ...lora import state_bytes
-
         rt, agreed = measured_round_time(grid.sent_at[mid], grid.arrived_at[mid], *stamps, res.time.forward_s,
                                          res.time.backward_s, state_bytes(a.payload), state_bytes(res.local.state))
         self.clock_mismatch += not agreed
         log(INFO, "fedlegend: round %d device %d measured download %.3f forward %.3f backward %.3f upload %.3f s%s",
             self._round.round, dev, rt.download_s, rt.forward_s, rt.backward_s, rt.upload_s,
             "" if agreed else " (clocks disagree: comm split by bytes)")
-        report = status_report(dev, rt, a.plan.depth, sum(a.plan.ranks.values()), res.local.samples)
+        report = status_report(dev, rt, a.plan, res.local.samples)
         return replace(res, time=rt, report=report)
 
     def aggregate_train(self, server_round: int,
@@ -172,7 +170,7 @@ class MethodStrategy(Strategy):
         return MetricRecord({"accuracy": rec["accuracy"], "loss": rec["loss"]}) if rec["accuracy"] is not None else None
 
     def summary(self) -> None:
-        log(INFO, "\t├── fedlegend method: %s on %d devices, %s status", self.exp.method.name, len(self.exp.fleet),
+        log(INFO, "\t├── fedlegend method: %s on %d devices, %s status", self.exp.method.info.name, len(self.exp.fleet),
             self.status)
 
     _grid: TimedGrid | None = None

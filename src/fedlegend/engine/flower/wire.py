@@ -21,9 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from ...client import LocalResult
 from ...config import Config, build_config
 from ...devices import RoundTime
-from ...lora import AdapterState
-from ...methods.base import LoraPlan, StatusReport
-from ..local import Assignment, DeviceFailure, DeviceResult
+from ...methods.base import Assignment, LoraPlan, StatusReport
+from ...spec import AdapterState, state_bytes
+from ..local import DeviceFailure, DeviceResult, Dispatch
 
 
 DEVICE_ID_KEY = "device-id"        # node config key naming the device a SuperNode plays
@@ -55,13 +55,13 @@ def config_from_toml(config_toml: str) -> Config:
     return build_config(tomllib.loads(config_toml), source="the server's config")
 
 
-def assignment_to_content(a: Assignment, config_toml: str, status: str = "fleet") -> RecordDict:
+def assignment_to_content(a: Dispatch, config_toml: str, status: str = "fleet") -> RecordDict:
     """What one device receives: its adapter slice, its plan, and the experiment's config."""
     plan = ConfigRecord({DEVICE_ID_KEY: a.device, "round": a.round, "status": status, "layers": a.plan.layers,
                          "ranks": [a.plan.ranks[l] for l in a.plan.layers], "lr": float(a.lr), "steps": a.steps,
-                         "frozen": ",".join(a.plan.extras.get("frozen", ())),   # e.g. FFA-LoRA's lora_A
+                         "frozen": ",".join(a.plan.frozen),   # e.g. FFA-LoRA's lora_A
                          # the wire size the server's method decided (FLoRA: stacks, not dense weights)
-                         "download-bytes": -1 if a.download_bytes is None else int(a.download_bytes),
+                         "download-bytes": int(a.download_bytes),
                          "config": config_toml, "config-hash": config_hash(config_toml)})
     return RecordDict({"payload": state_to_record(a.payload), "plan": plan})
 
@@ -82,8 +82,8 @@ def _record(content: RecordDict, key: str, kind: type):
     return rec
 
 
-def content_to_assignment(content: RecordDict) -> tuple[Assignment, str]:
-    """The Assignment and config TOML of a TRAIN message; MalformedMessage if it does not parse."""
+def content_to_assignment(content: RecordDict) -> tuple[Dispatch, str]:
+    """The Dispatch and config TOML of a TRAIN message; MalformedMessage if it does not parse."""
     plan = _record(content, "plan", ConfigRecord)
     layers, ranks = _get(plan, "layers", list, "plan"), _get(plan, "ranks", list, "plan")
     if not layers or len(layers) != len(ranks):
@@ -93,11 +93,11 @@ def content_to_assignment(content: RecordDict) -> tuple[Assignment, str]:
         raise MalformedMessage("plan's config does not match its hash")
     dev = _get(plan, DEVICE_ID_KEY, int, "plan")
     frozen = tuple(p for p in str(plan.get("frozen", "")).split(",") if p)
-    lora = LoraPlan(dev, {int(l): int(r) for l, r in zip(layers, ranks)}, {"frozen": frozen} if frozen else {})
+    lora = LoraPlan(dev, {int(l): int(r) for l, r in zip(layers, ranks)}, frozen)
     payload = record_to_state(_record(content, "payload", ArrayRecord))
     down = int(plan.get("download-bytes", -1))
-    a = Assignment(_get(plan, "round", int, "plan"), lora, payload, _get(plan, "steps", int, "plan"),
-                   float(_get(plan, "lr", (int, float), "plan")), None if down < 0 else down)
+    a = Dispatch(_get(plan, "round", int, "plan"), Assignment(lora, payload, state_bytes(payload) if down < 0 else down),
+                 _get(plan, "steps", int, "plan"), float(_get(plan, "lr", (int, float), "plan")))
     return a, config_toml
 
 
