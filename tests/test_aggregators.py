@@ -1,24 +1,112 @@
-"""Property tests of the aggregation rules on random shapes (hypothesis)."""
+"""Property tests of the aggregation rules (methods/aggregation.py) on random shapes, values and
+weights (hypothesis), and of the orientation convention the rules and the LoRA host share."""
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from fedlegend.methods.base import DeviceUpdate, Estimate, layerwise_average
-from fedlegend.methods.flexlora import product_average_svd
-from fedlegend.methods.hetlora import hetlora_average, tail_energy
-from fedlegend.methods.lowrank import rank_by_capacity, svd_factors, truncate, zero_pad
+from fedlegend.methods.aggregation import (DeviceUpdate, exact_residual, layerwise_average, normalized,
+                                           product_average_svd, stack_lora, svd_factors, truncate, with_zero_residuals,
+                                           zero_pad, zero_pad_average)
+from fedlegend.methods.base import Estimate
+from fedlegend.methods.hetlora import norm_weight, rank_by_capacity, samples_weight, tail_energy
 
 dims = st.integers(2, 9)
 ranks = st.integers(1, 5)
 SETTINGS = settings(max_examples=25, deadline=None)
+values = st.floats(-100.0, 100.0, allow_nan=False, allow_infinity=False, width=64)
 
 
 def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def tensors(shape):
+    """A float64 tensor of `shape` with hypothesis-drawn values."""
+    return hnp.arrays(np.float64, shape, elements=values).map(torch.from_numpy)
+
+
+# ------------------------------------------------------------------ weights
+@SETTINGS
+@given(w=st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=8))
+def test_normalized_sums_to_one_and_keeps_proportions(w):
+    out = normalized(w)
+    assert len(out) == len(w) and all(x >= 0 for x in out)
+    assert sum(out) == pytest.approx(1.0)
+    if sum(w) > 0:
+        top = max(range(len(w)), key=lambda i: w[i])
+        assert all(out[i] == pytest.approx(out[top] * w[i] / w[top]) for i in range(len(w)))
+
+
+@SETTINGS
+@given(n=st.integers(1, 8), sign=st.sampled_from([0.0, -1.0]), scale=st.floats(0.0, 10.0))
+def test_normalized_zero_or_negative_total_gives_equal_weights(n, sign, scale):
+    out = normalized([sign * scale] * n)
+    assert out == [1.0 / n] * n
+
+
+# ------------------------------------------------------------------ layer-wise average (eq. 17)
+KEYS = ("layers.0.q.lora_A", "layers.0.q.lora_B", "layers.1.q.lora_A", "head.weight")
+SHAPES = {"layers.0.q.lora_A": (2, 3), "layers.0.q.lora_B": (3, 2), "layers.1.q.lora_A": (2, 3), "head.weight": (2,)}
+
+
+@st.composite
+def rounds(draw, max_updates=5):
+    """(global state, updates): each update holds a random subset of the keys, random values and samples."""
+    g = {k: draw(tensors(SHAPES[k])) for k in KEYS}
+    updates = []
+    for i in range(draw(st.integers(1, max_updates))):
+        held = draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=len(KEYS)))
+        updates.append(DeviceUpdate(i, {k: draw(tensors(SHAPES[k])) for k in held}, draw(st.integers(0, 1000))))
+    return g, updates
+
+
+weightings = st.sampled_from(["mean", "samples"])
+
+
+@SETTINGS
+@given(r=rounds(), weighting=weightings, data=st.data())
+def test_layerwise_average_ignores_the_order_of_updates(r, weighting, data):
+    g, updates = r
+    shuffled = data.draw(st.permutations(updates))
+    a, b = layerwise_average(g, updates, weighting), layerwise_average(g, shuffled, weighting)
+    assert set(a) == set(b) == set(g)
+    for k in g:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
+
+
+@SETTINGS
+@given(r=rounds(), weighting=weightings)
+def test_layerwise_average_keeps_untrained_keys_and_single_holders_exactly(r, weighting):
+    g, updates = r
+    new = layerwise_average(g, updates, weighting)
+    for k in g:
+        holders = [u for u in updates if k in u.state]
+        if not holders:
+            assert torch.equal(new[k], g[k])                    # nobody trained it: the global value
+        elif len(holders) == 1:
+            assert torch.equal(new[k], holders[0].state[k])     # one holder: weight 1, its tensor as is
+
+
+@SETTINGS
+@given(r=rounds(), weighting=weightings)
+def test_layerwise_average_is_a_convex_combination(r, weighting):
+    g, updates = r
+    new = layerwise_average(g, updates, weighting)
+    for k in g:
+        held = [u.state[k] for u in updates if k in u.state]
+        if held:
+            stack = torch.stack(held)
+            tol = 1e-9 * (1 + stack.abs().amax(0))
+            assert torch.all(new[k] >= stack.amin(0) - tol) and torch.all(new[k] <= stack.amax(0) + tol)
+
+
+# ------------------------------------------------------------------ low-rank factors
 @SETTINGS
 @given(d_in=dims, d_out=dims, r=ranks, extra=st.integers(0, 4))
 def test_zero_pad_keeps_product_and_truncate_round_trips(d_in, d_out, r, extra):
@@ -30,16 +118,41 @@ def test_zero_pad_keeps_product_and_truncate_round_trips(d_in, d_out, r, extra):
     assert torch.equal(at, a) and torch.equal(bt, b)
 
 
-@SETTINGS
-@given(d_in=dims, d_out=dims, r=ranks)
-def test_orientation_matches_nn_linear(d_in, d_out, r):
-    """peft's nn.Linear LoRA computes x A^T B^T, i.e. the weight delta is B @ A of shape (d_out, d_in)."""
-    a, b = rand(r, d_in, seed=3), rand(d_out, r, seed=4)
-    lin_a = torch.nn.Linear(d_in, r, bias=False).double()
-    lin_b = torch.nn.Linear(r, d_out, bias=False).double()
-    lin_a.weight.data, lin_b.weight.data = a, b
-    x = rand(3, d_in, seed=5)
-    assert torch.allclose(lin_b(lin_a(x)), x @ (b @ a).T)
+@pytest.mark.parametrize("rank, alpha_over_rank", [(1, 2.0), (3, 0.5), (4, 2.0)])
+def test_lora_host_computes_wx_plus_scaled_ba_x(tiny_bert, rank, alpha_over_rank):
+    """Our orientation: canonical A (r, d_in) and B (d_out, r) loaded into a LoraHost make every adapted
+    Linear compute W x + b + (alpha/r) B A x, and the whole model equal the base model with W + (alpha/r) B A."""
+    from fedlegend.hosts.lora import LoraHost
+    from fedlegend.spec import inspect_model, lora_key
+
+    spec = inspect_model(tiny_bert, ("dense",))       # attention output 32->32, FFN 32->64 and 64->32
+    layer = 2
+    targets = spec.targets_of(layer)
+    assert {(t.d_in, t.d_out) for t in targets} >= {(32, 64), (64, 32)}   # non-square: a transpose would not fit
+    merged = copy.deepcopy(tiny_bert).eval()
+    base = {t.full_name: (tiny_bert.get_submodule(t.full_name).weight.detach().clone(),
+                          tiny_bert.get_submodule(t.full_name).bias.detach().clone()) for t in targets}
+    host = LoraHost(tiny_bert, spec, {l: 2 for l in range(4)}, alpha_over_rank=alpha_over_rank)
+    name = host.use({layer: rank})                   # a layout of its own, rank != the global one
+    state = host.read(name)
+    for i, t in enumerate(targets):
+        state[lora_key(layer, t.module, "lora_A")] = rand(rank, t.d_in, seed=10 + i).float()
+        state[lora_key(layer, t.module, "lora_B")] = rand(t.d_out, rank, seed=20 + i).float()
+    host.load(name, state)
+    host.model.eval()
+    x = rand(5, 64, seed=3).float()
+    with torch.no_grad():
+        for t in targets:
+            a, b = state[lora_key(layer, t.module, "lora_A")], state[lora_key(layer, t.module, "lora_B")]
+            w, bias = base[t.full_name]
+            got = host.peft.base_model.model.get_submodule(t.full_name)(x[:, :t.d_in])
+            want = x[:, :t.d_in] @ w.T + bias + alpha_over_rank * x[:, :t.d_in] @ (b @ a).T
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            merged.get_submodule(t.full_name).weight += alpha_over_rank * (b @ a)
+        merged.classifier.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
+        ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(host.model(input_ids=ids).logits, merged(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
 
 
 @SETTINGS
@@ -88,7 +201,7 @@ def test_hetlora_pads_averages_and_keeps_global_rank(d_in, d_out, r1, r2):
     g = _state(p, R, d_in, d_out, 0)
     u1 = DeviceUpdate(0, _state(p, r1, d_in, d_out, 1), 1)
     u2 = DeviceUpdate(1, _state(p, r2, d_in, d_out, 2), 1)
-    new = hetlora_average(g, [u1, u2], "samples")
+    new = zero_pad_average(g, [u1, u2], samples_weight)
     a1, _ = zero_pad(u1.state[p + ".lora_A"], u1.state[p + ".lora_B"], R)
     a2, _ = zero_pad(u2.state[p + ".lora_A"], u2.state[p + ".lora_B"], R)
     assert torch.allclose(new[p + ".lora_A"], (a1 + a2) / 2)
@@ -98,17 +211,16 @@ def test_hetlora_pads_averages_and_keeps_global_rank(d_in, d_out, r1, r2):
 def test_untrained_layers_untouched_by_every_rule():
     g = {**_state("layers.0.q", 4, 5, 5, 0), **_state("layers.1.q", 4, 5, 5, 9)}
     u = DeviceUpdate(0, _state("layers.1.q", 2, 5, 5, 1), 3)
-    for new in (layerwise_average(g, [u]), hetlora_average(g, [u]), product_average_svd(g, [u], [3.0])):
+    for new in (layerwise_average(g, [u]), zero_pad_average(g, [u], norm_weight), product_average_svd(g, [u], [3.0])):
         assert torch.equal(new["layers.0.q.lora_A"], g["layers.0.q.lora_A"])
         assert torch.equal(new["layers.0.q.lora_B"], g["layers.0.q.lora_B"])
 
 
-def test_alpha_over_rank_scaling_consistent_across_ranks():
+def test_alpha_over_rank_scaling_consistent_across_ranks(model_spec):
     """alpha = c * r: every layout scales its B @ A by the same c, so products of any rank add up."""
-    from fedlegend.lora import LoraTarget, ModelSpec, lora_config
+    from fedlegend.hosts.lora import lora_config
 
-    t = tuple(LoraTarget(l, "q", f"enc.layer.{l}.q", 8, 8) for l in range(3))
-    spec = ModelSpec(3, 8, 32, t, "classifier", {"weight": (2, 8)})
+    spec = model_spec(L=3, d=8, modules=("q",), head_bias=False)
     cfg = lora_config(spec, {0: 1, 1: 4, 2: 16}, 2.0, 0.0)
     scales = {cfg.alpha_pattern[n] / cfg.rank_pattern[n] for n in cfg.rank_pattern}
     assert scales == {2.0}
@@ -135,7 +247,7 @@ def test_ffa_lora_mean_of_b_is_exact_with_shared_a():
     new = layerwise_average(g, ups, "mean")
     assert torch.equal(new["layers.0.q.lora_A"], a)
     assert torch.allclose(new["layers.0.q.lora_B"] @ new["layers.0.q.lora_A"], sum(b @ a for b in bs) / 3)
-    plan = LoraPlan(0, {0: 3}, {"frozen": ("lora_A",)})
+    plan = LoraPlan(0, {0: 3}, ("lora_A",))
     assert set(trained_part(g, plan)) == {"layers.0.q.lora_B"}
 
 
@@ -147,8 +259,6 @@ def _pairs(k, d_in, d_out, ranks_, seed):
 @SETTINGS
 @given(d_in=dims, d_out=dims, rs=st.lists(ranks, min_size=1, max_size=4), seed=st.integers(0, 99))
 def test_flora_stacking_equals_weighted_sum_of_products(d_in, d_out, rs, seed):
-    from fedlegend.methods.flora import stack_lora
-
     pairs = _pairs(len(rs), d_in, d_out, rs, seed)
     w = [float(i + 1) for i in range(len(rs))]
     w = [x / sum(w) for x in w]
@@ -158,33 +268,31 @@ def test_flora_stacking_equals_weighted_sum_of_products(d_in, d_out, rs, seed):
 
 
 @SETTINGS
-@given(d_in=dims, d_out=dims, r=ranks, k=st.integers(1, 4), seed=st.integers(0, 99))
-def test_fedex_residual_makes_aggregation_exact(d_in, d_out, r, k, seed):
-    """mean of B_k A_k == B_avg A_avg + residual (eq. of FedEx-LoRA), and zero for one device."""
-    from fedlegend.methods.fedex_lora import exact_residual
+@given(d_in=dims, d_out=dims, r=ranks, data=st.data(),
+       raw=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=4), scale=st.floats(0.1, 4.0))
+def test_fedex_residual_makes_the_global_model_the_exact_average(d_in, d_out, r, data, raw, scale):
+    """With the residual folded into the frozen weight, W0 + residual + s B_avg A_avg is the exact
+    weighted average of the devices' models sum_k p_k (W0 + s B_k A_k), for any weights p and scaling s."""
+    k = len(raw)
+    w0 = data.draw(tensors((d_out, d_in)))
+    pairs = [(data.draw(tensors((r, d_in))), data.draw(tensors((d_out, r)))) for _ in range(k)]
+    p = normalized(raw)
+    a_avg = sum(pi * a for pi, (a, _) in zip(p, pairs))      # averaging the factors apart
+    b_avg = sum(pi * b for pi, (_, b) in zip(p, pairs))
+    global_model = w0 + scale * exact_residual(pairs, p) + scale * b_avg @ a_avg
+    devices_mean = sum(pi * (w0 + scale * b @ a) for pi, (a, b) in zip(p, pairs))
+    big = 1.0 + max(float(t.abs().max()) for t in [w0, *[x for pr in pairs for x in pr]])
+    torch.testing.assert_close(global_model, devices_mean, rtol=1e-9, atol=1e-9 * big ** 2 * (1 + scale) * r)
+    if k == 1:   # one device: its factors are the average, nothing to correct
+        torch.testing.assert_close(exact_residual(pairs, p), torch.zeros(d_out, d_in, dtype=torch.float64),
+                                   rtol=0, atol=1e-9 * big ** 2 * r)
 
-    pairs = _pairs(k, d_in, d_out, [r] * k, seed)
-    w = [1.0 / k] * k
-    a_avg = sum(wi * a for wi, (a, _) in zip(w, pairs))
-    b_avg = sum(wi * b for wi, (_, b) in zip(w, pairs))
-    exact = sum(wi * (b @ a) for wi, (a, b) in zip(w, pairs))
-    res = exact_residual(pairs, w)
-    assert torch.allclose(b_avg @ a_avg + res, exact)
-    if k == 1:
-        assert torch.allclose(res, torch.zeros_like(res))
-    else:  # averaging factors apart is not exact in general: the residual is what fixes it
-        assert not torch.allclose(b_avg @ a_avg, exact)
 
-
-def _method_ctx(L=2, d=6, alpha=2.0):
-    from fedlegend.lora import LoraTarget, ModelSpec
-    from fedlegend.methods.base import MethodContext
-
-    targets = tuple(LoraTarget(l, m, f"enc.layer.{l}.{m}", d, d) for l in range(L) for m in ("q", "v"))
-    spec = ModelSpec(num_layers=L, hidden=d, intermediate=4 * d, targets=targets, head_module="classifier",
-                     head_shapes={"weight": (2, d)})
-    return MethodContext(spec=spec, num_devices=3, local_steps=1, batch_size=4, nominal_width=8,
-                         alpha_over_rank=alpha)
+def test_fedex_residual_is_needed_when_devices_differ():
+    """Averaging factors apart is not exact for differing devices: the residual is not zero."""
+    pairs = _pairs(3, 5, 4, [2, 2, 2], seed=7)
+    res = exact_residual(pairs, [1 / 3] * 3)
+    assert res.abs().max() > 1e-3
 
 
 def _res_state(ranks_by_layer, d=6, seed=0, residual=None):
@@ -203,16 +311,19 @@ def _effective(state, prefix, scale):
     return state[prefix + ".residual"] + scale * state[prefix + ".lora_B"] @ state[prefix + ".lora_A"]
 
 
+def _aggr_ctx(method_ctx, alpha):
+    return method_ctx(L=2, d=6, n=3, steps=1, nominal_width=8, alpha=alpha, head_bias=False)
+
+
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
-def test_fedex_lora_global_model_is_the_exact_average(alpha):
+def test_fedex_lora_global_model_is_the_exact_average(alpha, method_ctx):
     from fedlegend.methods.fedex_lora import FedExLora
 
-    m = FedExLora(_method_ctx(alpha=alpha), rank=3)
-    g = m.init_state(_res_state({0: 3, 1: 3}, seed=1))
-    g = {k: (v.double() if k.endswith("residual") else v) for k, v in g.items()}
+    m = FedExLora(_aggr_ctx(method_ctx, alpha), rank=3)
+    g = with_zero_residuals(_res_state({0: 3, 1: 3}, seed=1))
     ups = [DeviceUpdate(i, {k: v for k, v in _res_state({0: 3, 1: 3}, seed=10 + i).items()}, samples=n)
            for i, n in enumerate((1, 3, 4))]
-    new = m.aggregate(g, ups)
+    new = m.aggregate(1, g, ups).state
     w = [1 / 8, 3 / 8, 4 / 8]
     for prefix in ("layers.0.q", "layers.1.v"):
         # each device's model is W0 + old residual + s B_k A_k; the new global must be their weighted mean
@@ -222,15 +333,15 @@ def test_fedex_lora_global_model_is_the_exact_average(alpha):
     assert set(new) == set(g)
 
 
-def test_flora_folds_the_stack_into_the_residual_and_restarts_lora():
+def test_flora_folds_the_stack_into_the_residual_and_restarts_lora(method_ctx):
     from fedlegend.methods.flora import FLora
 
-    m = FLora(_method_ctx(alpha=2.0), rank_min=1, rank_max=4)
-    g = m.init_state(_res_state({0: 4, 1: 4}, seed=2))
+    m = FLora(_aggr_ctx(method_ctx, 2.0), rank_min=1, rank_max=4)
+    g = with_zero_residuals(_res_state({0: 4, 1: 4}, seed=2))
     g = {k: (torch.zeros_like(v) if k.endswith("lora_B") else v) for k, v in g.items()}   # fresh LoRA: B = 0
     ups = [DeviceUpdate(0, {k: v for k, v in _res_state({0: 2, 1: 2}, seed=20).items() if "residual" not in k}, 2),
            DeviceUpdate(1, {k: v for k, v in _res_state({0: 4}, seed=30).items() if "residual" not in k}, 6)]
-    new = m.aggregate(g, ups)
+    new = m.aggregate(1, g, ups).state
     # layer 0: both devices, weights 1/4, 3/4; layer 1: only device 0
     p = "layers.0.q"
     want = 2.0 * (0.25 * ups[0].state[p + ".lora_B"] @ ups[0].state[p + ".lora_A"]
@@ -243,8 +354,8 @@ def test_flora_folds_the_stack_into_the_residual_and_restarts_lora():
     assert all(torch.count_nonzero(new[k]) == 0 for k in new if k.endswith("lora_B"))
     assert all(new[k].shape == g[k].shape for k in g)
     # the next round's A is fresh (not the global A of before) and the same on every call with the seed
-    m2 = FLora(_method_ctx(alpha=2.0), rank_min=1, rank_max=4)
-    assert torch.equal(m2.aggregate(g, ups)["layers.0.q.lora_A"], new["layers.0.q.lora_A"])
+    m2 = FLora(_aggr_ctx(method_ctx, 2.0), rank_min=1, rank_max=4)
+    assert torch.equal(m2.aggregate(1, g, ups).state["layers.0.q.lora_A"], new["layers.0.q.lora_A"])
     assert not torch.equal(new["layers.0.q.lora_A"], g["layers.0.q.lora_A"])
     # FLoRA's wire cost: the stacked factors (ranks 2 + 4 on layer 0), not the dense residual
     assert m.stack_bytes[p] == (6 * 6 + 6 * 6) * new[p + ".lora_A"].element_size()
