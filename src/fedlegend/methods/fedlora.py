@@ -1,7 +1,7 @@
 """FedLoRA: the same LoRA rank on every layer of every device, aggregated with FedAvg.
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022) applied to
-federated fine-tuning, the naive baseline of LEGEND's evaluation (seed 003, section 6.1).
+federated fine-tuning, the naive baseline of LEGEND's evaluation (the LEGEND paper, section 6.1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """FlexLoRA: heterogeneous ranks; the server averages full-size products and redistributes by SVD.
 
 Bai, Chen, Qian, Yao, Li. "Federated Fine-tuning of Large Language Models under
-Heterogeneous Tasks and Client Resources" (NeurIPS 2024; seed 002). Each device trains LoRA
+Heterogeneous Tasks and Client Resources" (NeurIPS 2024). Each device trains LoRA
 at its own rank; the server forms W_i = B_i A_i, averages them weighted by data size, and
 factorises the mean by SVD; each device receives the truncation at its rank, which is the
 best rank-r_i approximation of the mean (Eckart-Young).

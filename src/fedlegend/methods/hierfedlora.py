@@ -1,7 +1,7 @@
 """HierFedLoRA: near-IID device groups, each with its own aggregation frequency and depth.
 
 Liu, Liao, Xu, Xu. "Resource-Efficient Federated Fine-Tuning Large Language Models for
-Heterogeneous Data" (arXiv 2503.21213; seed 001). Devices are partitioned into near-IID
+Heterogeneous Data" (arXiv 2503.21213). Devices are partitioned into near-IID
 groups; within a global round group g runs tau_g iterations of local training followed by
 intra-group aggregation, training the top d_g layers; then the server aggregates the groups.
 

@@ -1,7 +1,7 @@
 """HLoRA: heterogeneous ranks from compute capacity and data volume, rank-aware aggregation.
 
-"HLoRA: Efficient Federated Learning System for LLM Heterogeneous Fine-Tuning" (seed 004;
-built on Plato). Our reading of its two mechanisms, as the seed summary states them:
+"HLoRA: Efficient Federated Learning System for LLM Heterogeneous Fine-Tuning" (built
+on Plato). Our reading of its two mechanisms, as its summary states them:
 - rank allocation "based on local computational capacity and data volume": a device's
   rank is r_max times (its speed relative to the fastest) times (its sample count relative
   to the largest partition), clipped to [r_min, r_max];

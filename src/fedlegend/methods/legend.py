@@ -1,7 +1,7 @@
 """LEGEND: adaptive LoRA depth and rank distribution per device.
 
 Liu, Liao, Xu, Xu, Liu, Qian. "Adaptive Parameter-Efficient Federated Fine-Tuning on
-Heterogeneous Devices" (seed 003). Section 4: capacity estimation (eq. 8-9), LoRA
+Heterogeneous Devices". Section 4: capacity estimation (eq. 8-9), LoRA
 configuration by LCD (Algorithm 1, eq. 10-16), layer-wise aggregation (eq. 17), assignment
 (eq. 19). Equation numbers are given beside the code that implements them.
 """
@@ -130,7 +130,7 @@ def lcd(costs: dict[int, DeviceCost], num_layers: int, min_depth: int = 1,
 
 # ---------------------------------------------------------------- the method
 class Legend(Method):
-    """LEGEND (seed 003). Ablations from fig. 13: `full_depth` (w/o LD), `uniform_ranks` (w/o RD).
+    """LEGEND (Liu et al.). Ablations from fig. 13: `full_depth` (w/o LD), `uniform_ranks` (w/o RD).
 
     Before a device's first status report there is nothing to estimate from, so its first
     round is a profiling round at full depth (the device then reports eq. 8-9's inputs).
