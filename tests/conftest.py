@@ -49,6 +49,22 @@ def _method_ctx(L=6, n=4, d=32, steps=2, batch_size=4, nominal_width=16, seed=0,
                          label_counts=tuple(tuple(c) for c in label_counts))
 
 
+def _run_round(exp, round_, state, estimator):
+    """One round of the local engine from its server and device halves: plan, train every assigned
+    device in this process, validate and aggregate. Returns the RoundOutcome."""
+    from fedlegend.engine.local import finish_round, plan_round, run_device
+
+    rp = plan_round(exp, round_, state, estimator)
+    replies = {dev: run_device(exp, a) for dev, a in rp.assignments.items()}
+    return finish_round(exp, rp, state, estimator, replies)
+
+
+@pytest.fixture(scope="session")
+def run_round():
+    """run_round(exp, round, global_state, estimator) -> RoundOutcome (the local engine's round)."""
+    return _run_round
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     """Factory of tiny run configs: tiny_cfg(**{"method.name": "fedlora", "fleet.devices": 2})."""
