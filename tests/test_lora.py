@@ -1,8 +1,10 @@
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedlegend.lora import LoraHost, inspect_model, key_layer, lora_config, lora_key
+from fedlegend.hosts.lora import LoraHost, lora_config
+from fedlegend.spec import inspect_model, key_layer, lora_key, residual_key
 
 
 def _batch():
@@ -86,8 +88,6 @@ def test_load_read_roundtrip_and_shape_check(tiny_bert):
 
 def test_residual_is_added_to_the_frozen_weight_and_removed_again(tiny_bert):
     """A state's residual makes the frozen weight W0 + residual; a state without one restores W0."""
-    from fedlegend.lora import residual_key
-
     spec = inspect_model(tiny_bert, ("query", "value"))
     host = LoraHost(tiny_bert, spec, {l: 2 for l in range(4)})
     host.peft.eval()
@@ -107,3 +107,68 @@ def test_residual_is_added_to_the_frozen_weight_and_removed_again(tiny_bert):
         assert torch.allclose(host.model(**_batch()).logits, base_logits)
     with pytest.raises(ValueError, match="does not fit"):
         host.load(host.GLOBAL, {**plain, residual_key(1, t.module): torch.zeros(3, 3)})
+
+
+# ------------------------------------------------------------------ the bounded layout cache
+def _data(n=24, seed=0):
+    from fedlegend.data import Encoded
+
+    g = np.random.default_rng(seed)
+    return Encoded([g.integers(5, 100, size=int(g.integers(4, 12))).tolist() for _ in range(n)],
+                   g.integers(0, 2, size=n))
+
+
+def _train(host, plan, payload, data):
+    from fedlegend.client import train_local
+    from fedlegend.tasks import build_task
+
+    return train_local(host, build_task("classification"), plan, payload, data, steps=3, batch_size=4, lr=1e-2,
+                       rng=np.random.default_rng(7), pad_id=0)
+
+
+def test_layout_cache_is_bounded_keeps_global_and_recreates_identically(tiny_bert):
+    """max_layouts=3 and five layouts: at most 3 held, the global one never evicted, and a layout trains
+    to exactly the same state whether it was just created, cached, or evicted and created again."""
+    from fedlegend.methods.aggregation import truncated_assignment
+    from fedlegend.methods.base import LoraPlan
+
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    assert tiny_bert.config.hidden_dropout_prob > 0       # training draws dropout masks from torch's generator
+    host = LoraHost(tiny_bert, spec, {l: 4 for l in range(4)}, max_layouts=3)
+    g = {k: torch.randn_like(v) * 0.1 for k, v in host.read(host.GLOBAL).items()}
+    data = _data()
+    first = LoraPlan(0, {2: 2, 3: 3})
+    payload = truncated_assignment(g, first.ranks)
+    created = _train(host, first, payload, data)
+    name = host.layouts()[-1]
+    cached = _train(host, first, payload, data)           # the same layout, from the cache
+    assert host.layouts()[-1] == name
+    for ranks in ({3: 1}, {1: 2, 3: 2}, {0: 1}, {l: 1 for l in range(4)}):
+        host.use(ranks)
+        held = host.layouts()
+        assert len(held) <= 3 and host.GLOBAL in held
+    assert len(host.layouts()) == 3 and name not in host.layouts()   # the first layout was evicted
+    host.load(host.use(host.global_ranks), g)             # the global layout is still there and usable
+    recreated = _train(host, first, payload, data)        # created afresh, under a new name
+    assert host.layouts()[-1] != name
+    for other in (cached, recreated):
+        assert other.state.keys() == created.state.keys() and other.loss == created.loss
+        assert all(torch.equal(other.state[k], created.state[k]) for k in created.state)
+    assert not all(torch.equal(created.state[k], payload[k]) for k in created.state)   # it did train
+
+
+def test_creating_a_layout_leaves_torchs_generator_alone(tiny_bert):
+    from fedlegend.hosts.bottleneck import BottleneckHost
+
+    spec = inspect_model(tiny_bert, ("query", "value"))
+    host = LoraHost(tiny_bert, spec, {l: 2 for l in range(4)})
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    host.use({1: 3, 2: 3})                                # a new layout: peft initialises its tensors
+    assert torch.equal(torch.get_rng_state(), state)
+    from transformers import BertConfig, BertForSequenceClassification
+    other = BottleneckHost(BertForSequenceClassification(BertConfig(**tiny_bert.config.to_dict())), spec,
+                           {l: 4 for l in range(4)})
+    state = torch.get_rng_state()
+    other.use({3: 2})
+    assert torch.equal(torch.get_rng_state(), state)
