@@ -405,15 +405,15 @@ def test_other_hosts_and_schedules_on_the_flower_strategy(name, flower_identity)
     import copy
     import dataclasses
 
-    from fedlegend.engine.local import run_round
+    from fedlegend.engine.local import Server
 
     exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 3}))
-    local = dataclasses.replace(exp, method=copy.deepcopy(exp.method))   # same host, its own method state
-    state, est, local_recs = local.initial_state, Estimator(local.method.info.rho), []
+    local = Server(dataclasses.replace(exp, method=copy.deepcopy(exp.method)))   # same host, its own method state
+    local_recs = []
     for h in (1, 2):
-        out = run_round(local, h, state, est)
-        state = out.state
-        local_recs.append(out.record)
+        rp = local.plan(h)
+        local_recs.append(local.finish(rp, {dev: run_device(local.exp, a) for dev, a in rp.assignments.items()}).record)
+    state = local.state
     strategy = fl.MethodStrategy(exp)
     grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
     flower_recs = [run_round_on(strategy, grid, h)[1] for h in (1, 2)]

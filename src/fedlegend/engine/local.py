@@ -194,12 +194,6 @@ def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
 
 
 # ------------------------------------------------------------------ the local loop
-def run_round(exp: Experiment, round_: int, global_state: AdapterState, estimator: Estimator) -> RoundOutcome:
-    rp = plan_round(exp, round_, global_state, estimator)
-    replies = {dev: run_device(exp, a) for dev, a in rp.assignments.items()}
-    return finish_round(exp, rp, global_state, estimator, replies)
-
-
 def record_round(exp: Experiment, round_: int, clock: float, state: AdapterState, out: RoundOutcome) -> dict:
     """The round's record on the virtual clock; evaluates every `eval_every` rounds and at the last."""
     cfg = exp.cfg
@@ -223,41 +217,74 @@ class Snapshot:
     records: list[dict]
 
 
+class Server:
+    """The server's side of the round loop, shared by every engine: the global adapter, the
+    capacity estimates, the virtual clock and the records. An engine asks it for a round's plan,
+    delivers the replies however it gets them (in process, Flower messages), and closes the round."""
+
+    def __init__(self, exp: Experiment, resume: Snapshot | None = None):
+        self.exp = exp
+        self.estimator = Estimator(exp.method.info.rho)
+        self.state: AdapterState = exp.initial_state
+        self.clock, self.round, self.records = 0.0, 0, []
+        if resume is not None:
+            rounds = exp.cfg.run.rounds
+            if not 1 <= resume.round <= rounds:
+                raise ValueError(f"snapshot after round {resume.round} does not fit a run of {rounds} rounds; "
+                                 "start the run afresh (without resume)")
+            self.state, self.clock, self.round = dict(resume.state), resume.clock, resume.round
+            self.records = [dict(r) for r in resume.records]
+            self.estimator.estimates = dict(resume.estimates)
+            exp.method.load_state_dict(resume.method)
+
+    def plan(self, round_: int) -> RoundPlan:
+        return plan_round(self.exp, round_, self.state, self.estimator)
+
+    def finish(self, rp: RoundPlan, replies: dict[int, DeviceResult | DeviceFailure],
+               events: list[dict] | None = None) -> RoundOutcome:
+        """Aggregate the round's replies; the clock advances by the round's virtual time."""
+        out = finish_round(self.exp, rp, self.state, self.estimator, replies, events)
+        self.state = out.state
+        self.clock += out.record["round_time_s"]
+        return out
+
+    def close(self, round_: int, out: RoundOutcome) -> dict:
+        """The round's record (evaluated on evaluation rounds), kept in `records`."""
+        rec = record_round(self.exp, round_, self.clock, self.state, out)
+        self.records.append(rec)
+        self.round = round_
+        return rec
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.round, self.clock, self.state, dict(self.estimator.estimates),
+                        self.exp.method.state_dict(), list(self.records))
+
+
 def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
               progress: bool = True, resume: Snapshot | None = None,
               on_snapshot: Callable[[Snapshot], None] | None = None) -> tuple[AdapterState, list[dict]]:
-    """All rounds; evaluates every `eval_every` rounds and at the last. Returns the final state.
+    """All rounds, every device trained in this process; evaluates every `eval_every` rounds and at
+    the last. Returns the final global adapter and the records.
 
     `on_snapshot` gets the loop's state after every round (the run folder saves it as a checkpoint);
     `resume` starts after the snapshot's round, replaying its records through `on_record` first."""
     from tqdm.auto import tqdm
 
-    cfg = exp.cfg
-    estimator = Estimator(exp.method.info.rho)
-    state, records, clock, first = exp.initial_state, [], 0.0, 1
-    if resume is not None:
-        if not 1 <= resume.round <= cfg.run.rounds:
-            raise ValueError(f"snapshot after round {resume.round} does not fit a run of {cfg.run.rounds} rounds; "
-                             "start the run afresh (without resume)")
-        state, clock, first = dict(resume.state), resume.clock, resume.round + 1
-        records = [dict(r) for r in resume.records]
-        estimator.estimates = dict(resume.estimates)
-        exp.method.load_state_dict(resume.method)
-        for rec in records:
-            if on_record:
-                on_record(rec)
-    bar = tqdm(range(first, cfg.run.rounds + 1), desc=exp.method.info.name, unit="round", disable=not progress,
-               initial=first - 1, total=cfg.run.rounds)
+    rounds = exp.cfg.run.rounds
+    server = Server(exp, resume)
+    for rec in server.records:
+        if on_record:
+            on_record(rec)
+    bar = tqdm(range(server.round + 1, rounds + 1), desc=exp.method.info.name, unit="round", disable=not progress,
+               initial=server.round, total=rounds)
     for h in bar:
-        out = run_round(exp, h, state, estimator)
-        state = out.state
-        clock += out.record["round_time_s"]
-        rec = record_round(exp, h, clock, state, out)
+        rp = server.plan(h)
+        replies = {dev: run_device(exp, a) for dev, a in rp.assignments.items()}
+        rec = server.close(h, server.finish(rp, replies))
         if rec["accuracy"] is not None:
-            bar.set_postfix(acc=f"{rec['accuracy']:.3f}", vtime=f"{clock:.0f}s")
-        records.append(rec)
+            bar.set_postfix(acc=f"{rec['accuracy']:.3f}", vtime=f"{server.clock:.0f}s")
         if on_record:
             on_record(rec)
         if on_snapshot:
-            on_snapshot(Snapshot(h, clock, state, dict(estimator.estimates), exp.method.state_dict(), list(records)))
-    return state, records
+            on_snapshot(server.snapshot())
+    return server.state, server.records

@@ -20,10 +20,8 @@ from flwr.serverapp.strategy import Strategy
 
 from ...config import dump_config
 from ...experiment import Experiment
-from ...methods.base import Estimator
 from ...spec import AdapterState, state_bytes
-from ..local import (DeviceFailure, DeviceResult, RoundOutcome, RoundPlan, finish_round, plan_round, record_round,
-                     status_report)
+from ..local import DeviceFailure, DeviceResult, RoundOutcome, RoundPlan, Server, status_report
 from .flwr_compat import log
 from .roster import Roster, collect_replies
 from .timing import TimedGrid, measured_round_time, measured_stamps
@@ -33,8 +31,9 @@ from .wire import STATUS_MODES, MalformedMessage, assignment_to_content, state_t
 class MethodStrategy(Strategy):
     """A Flower strategy around a fedlegend Method: per-device plans, heterogeneous aggregation.
 
-    Holds the global adapter, the estimator and the virtual clock; `records` grows by one
-    record per round, exactly as the local engine writes them. `status` ("fleet" or
+    Its `server` (engine.local.Server, as in the local loop) holds the global adapter, the
+    estimates, the virtual clock and the records, one per round, exactly as the local engine
+    writes them. `status` ("fleet" or
     "measured") says where devices' times come from (module docstring); Flower's simulation
     takes "fleet" only.
     """
@@ -49,12 +48,9 @@ class MethodStrategy(Strategy):
         self.node_wait_s = node_wait_s
         self.status = status
         self.poll_s = poll_s
-        self.estimator = Estimator(exp.method.info.rho)
-        self.state: AdapterState = exp.initial_state
+        self.server = Server(exp)
         self.roster = Roster()
-        self.records: list[dict] = []
         self.workers: dict[int, int] = {}  # worker process id -> model builds it reported (load once each)
-        self.clock = 0.0
         self.query_timeout_s = 600.0
         self.clock_mismatch = 0  # measured replies whose stamps disagreed with the server's clock
         self._round: RoundPlan | None = None
@@ -62,6 +58,18 @@ class MethodStrategy(Strategy):
         self._messages: dict[int, Message] = {}
         self._pending_events: list[dict] = []
         self._outcome: RoundOutcome | None = None
+
+    @property
+    def state(self) -> AdapterState:
+        return self.server.state
+
+    @property
+    def records(self) -> list[dict]:
+        return self.server.records
+
+    @property
+    def estimator(self):
+        return self.server.estimator
 
     # -- discovery
     def _query(self, grid: Grid, nodes: list[int]) -> list[dict]:
@@ -96,7 +104,7 @@ class MethodStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self.refresh(grid)
         # self.state is the global adapter (`arrays` mirrors it): no tensor round trip on the server
-        self._round = plan_round(self.exp, server_round, self.state, self.estimator)
+        self._round = self.server.plan(server_round)
         self._sent, self._messages = {}, {}
         for dev, a in self._round.assignments.items():
             node = self.roster.node_of(dev)
@@ -139,11 +147,8 @@ class MethodStrategy(Strategy):
                     by_device[dev] = self._measured(dev, by_device[dev], msg, self._grid)
                 except MalformedMessage as err:
                     by_device[dev] = DeviceFailure(dev, "malformed", str(err))
-        out = finish_round(self.exp, self._round, self.state, self.estimator, by_device,
-                           self._pending_events + events)
+        out = self.server.finish(self._round, by_device, self._pending_events + events)
         self._pending_events = []
-        self.state = out.state
-        self.clock += out.record["round_time_s"]
         self._outcome = out
         metrics = {"round_time_s": out.record["round_time_s"], "accepted": len(out.record["devices"])}
         if out.record["train_loss"] is not None:
@@ -162,9 +167,8 @@ class MethodStrategy(Strategy):
         """Closes round `server_round`: its record (evaluated on eval rounds) goes out."""
         if server_round == 0 or self._outcome is None:
             return None
-        rec = record_round(self.exp, server_round, self.clock, self.state, self._outcome)
+        rec = self.server.close(server_round, self._outcome)
         self._outcome = None
-        self.records.append(rec)
         if self.on_record:
             self.on_record(rec)
         return MetricRecord({"accuracy": rec["accuracy"], "loss": rec["loss"]}) if rec["accuracy"] is not None else None
