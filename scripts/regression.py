@@ -3,6 +3,9 @@
     python scripts/regression.py --save DIR     # records + adapter digests of this checkout
     python scripts/regression.py --check DIR    # this checkout against the saved ones
 
+docs/results/regression-v1 holds the saved records of the code before the architecture-v2
+refactor.
+
 Used to show that a refactor keeps the numbers: run --save on the code before the change
 and --check after it. Every record field (accuracy, loss, virtual time, bytes, waiting,
 plans, events) must be equal, and every tensor of the exported adapter bit for bit (by
