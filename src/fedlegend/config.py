@@ -178,7 +178,7 @@ def _format_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key; check the spelling (see configs/default.toml for every key)")
         else:
-            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {field}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
