@@ -7,22 +7,15 @@ import pytest
 import torch
 
 from fedlegend.client import LocalTrainingError, evaluate, train_local
-from fedlegend.config import build_config
-from fedlegend.engine.local import run_local, run_round
+from fedlegend.engine.local import run_local
 from fedlegend.experiment import build_experiment
-from fedlegend.methods.base import Estimator, UpdateRejected, check_update
-
-
-def tiny_cfg(**over):
-    base = {"fleet.devices": 3, "run.rounds": 2, "train.local_steps": 1, "train.batch_size": 4,
-            "data.eval_subset": 48, "run.eval_every": 1, "run.target_accuracy": 0.5}
-    base.update(over)
-    return build_config({}, base)
+from fedlegend.methods.base import Estimator, RoundView, UpdateRejected, check_update
+from fedlegend.rundir import run_experiment
+from fedlegend.tasks import Score
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from fedlegend.runner import run_experiment
+def run_dir(tmp_path_factory, tiny_cfg):
 
     out = tmp_path_factory.mktemp("run")
     summary = run_experiment(tiny_cfg(), out, progress=False)
@@ -46,7 +39,7 @@ def test_outputs_written(run_dir):
     assert json.loads((out / "summary.json").read_text())["final_accuracy"] == summary["final_accuracy"]
 
 
-def test_adapter_reloads_with_peft_and_reproduces_accuracy(run_dir):
+def test_adapter_reloads_with_peft_and_reproduces_accuracy(run_dir, tiny_cfg):
     from peft import PeftModel
     from fedlegend.assets import resolve_model
     from fedlegend.data import eval_batches
@@ -64,9 +57,7 @@ def test_adapter_reloads_with_peft_and_reproduces_accuracy(run_dir):
     assert correct / len(exp_test) == pytest.approx(summary["final_accuracy"])
 
 
-def test_same_seed_same_records(run_dir, tmp_path):
-    from fedlegend.runner import run_experiment
-
+def test_same_seed_same_records(run_dir, tmp_path, tiny_cfg):
     out, _ = run_dir
     run_experiment(tiny_cfg(), tmp_path, progress=False)
     strip = lambda p: [{k: v for k, v in json.loads(l).items()} for l in p.read_text().splitlines()]
@@ -74,11 +65,11 @@ def test_same_seed_same_records(run_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exp():
+def exp(tiny_cfg):
     return build_experiment(tiny_cfg())
 
 
-def test_bad_update_rejected_global_unchanged(exp, monkeypatch):
+def test_bad_update_rejected_global_unchanged(exp, monkeypatch, run_round):
     """A device update with NaN, or with a wrong shape, is rejected and recorded; the others aggregate."""
     import fedlegend.engine.local as local
 
@@ -105,7 +96,7 @@ def test_bad_update_rejected_global_unchanged(exp, monkeypatch):
     assert all(torch.isfinite(v).all() for v in out.state.values())
 
 
-def test_all_updates_bad_keeps_global_adapter(exp, monkeypatch):
+def test_all_updates_bad_keeps_global_adapter(exp, monkeypatch, run_round):
     import fedlegend.engine.local as local
 
     def nan_loss(*a, **k):
@@ -129,17 +120,16 @@ def test_check_update():
 
 
 def test_nan_loss_raises(exp):
-    plan = exp.method.plan(1, [0], {}, {})[0]
-    payload = exp.method.assign(exp.initial_state, plan)
-    bad = {k: torch.full_like(v, float("nan")) if k.startswith("head") else v for k, v in payload.items()}
+    a = exp.method.configure(RoundView(1, [0]), exp.initial_state)[0]
+    bad = {k: torch.full_like(v, float("nan")) if k.startswith("head") else v for k, v in a.payload.items()}
     with pytest.raises(LocalTrainingError, match="loss became nan"):
-        train_local(exp.host, plan, bad, exp.device_data(0), steps=1, batch_size=4, lr=1e-3,
+        train_local(exp.host, exp.task, a.plan, bad, exp.device_data(0), steps=1, batch_size=4, lr=1e-3,
                     rng=np.random.default_rng(0), pad_id=exp.pad_id)
 
 
 @pytest.mark.parametrize("name", ["fedlora", "hetlora", "flexlora", "hlora", "fedra", "ffa-lora", "flora", "fedex-lora", "hierfedlora",
                                   "legend-wo-ld", "legend-wo-rd"])
-def test_every_method_runs_two_rounds(name):
+def test_every_method_runs_two_rounds(name, tiny_cfg):
     exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 2}))
     _, records = run_local(exp, progress=False)
     assert len(records) == 2 and records[-1]["accuracy"] is not None
@@ -147,7 +137,7 @@ def test_every_method_runs_two_rounds(name):
     assert all(d["samples"] > 0 for r in records for d in r["devices"])
 
 
-def test_ffa_lora_trains_only_b_and_uploads_less():
+def test_ffa_lora_trains_only_b_and_uploads_less(tiny_cfg, run_round):
     exp = build_experiment(tiny_cfg(**{"method.name": "ffa-lora", "fleet.devices": 2}))
     g = exp.initial_state
     out = run_round(exp, 1, g, Estimator())
@@ -158,11 +148,9 @@ def test_ffa_lora_trains_only_b_and_uploads_less():
 
 
 @pytest.mark.parametrize("name", ["flora", "fedex-lora"])
-def test_residual_methods_fold_updates_into_the_weights(name, tmp_path):
+def test_residual_methods_fold_updates_into_the_weights(name, tmp_path, tiny_cfg, run_round):
     """After a round the residual is non-zero, the evaluated model uses it, and it is saved beside the adapter."""
     from safetensors.torch import load_file
-    from fedlegend.client import evaluate
-    from fedlegend.runner import run_experiment
 
     exp = build_experiment(tiny_cfg(**{"method.name": name, "fleet.devices": 2}))
     g = exp.initial_state
@@ -171,12 +159,15 @@ def test_residual_methods_fold_updates_into_the_weights(name, tmp_path):
     out = run_round(exp, 1, g, Estimator())
     assert all(torch.count_nonzero(out.state[k]) > 0 for k in res_keys)
     assert out.record["bytes_up"] > 0 and not out.record["events"]
-    with_res = evaluate(exp.host, out.state, exp.test, 16, exp.pad_id)[1]
-    without = evaluate(exp.host, {k: v for k, v in out.state.items() if k not in res_keys}, exp.test, 16, exp.pad_id)[1]
+    with_res = evaluate(exp.host, exp.task, out.state, exp.test, 16, exp.pad_id)
+    without = evaluate(exp.host, exp.task, {k: v for k, v in out.state.items() if k not in res_keys}, exp.test, 16,
+                       exp.pad_id)
+    assert isinstance(with_res, Score)
+    with_res, without = with_res.loss, without.loss
     assert with_res != without                                  # the loss sees the folded update
     if name == "flora":        # on the wire: the stacked factors, not the dense merged weights
         from fedlegend.engine.local import plan_round
-        from fedlegend.lora import state_bytes
+        from fedlegend.spec import state_bytes
         rp = plan_round(exp, 2, out.state, Estimator())
         lora_head = lambda a: state_bytes({k: v for k, v in a.payload.items() if k not in res_keys})
         assert all(lora_head(a) < a.download_bytes < state_bytes(a.payload) for a in rp.assignments.values())
