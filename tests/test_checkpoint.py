@@ -5,16 +5,17 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from fedlegend import runner
-from fedlegend.config import build_config
+from fedlegend import rundir as runner
 
 
-def cfg_for(method: str, **over):
-    base = {"method.name": method, "fleet.devices": 3, "run.rounds": 3, "train.local_steps": 1,
-            "train.batch_size": 4, "data.eval_subset": 32, "run.eval_every": 2, "run.target_accuracy": 0.5,
-            "method.fedadapter.trial_rounds": 2}
-    base.update(over)
-    return build_config({}, base)
+@pytest.fixture(scope="session")
+def cfg_for(tiny_cfg):
+    """The tiny run for `method`, 3 rounds evaluated every 2 (a stop after round 1 splits an
+    evaluation period, and FedAdapter's 2-round search period)."""
+    def make(method: str, **over):
+        return tiny_cfg(**{"method.name": method, "run.rounds": 3, "data.eval_subset": 32, "run.eval_every": 2,
+                           "method.fedadapter.trial_rounds": 2, **over})
+    return make
 
 
 class Stop(Exception):
@@ -45,7 +46,7 @@ def outputs(d):
 # period with per-group models (fedadapter, stopped mid-period), a seeded restart counter (flora),
 # group clocks and ticks (hierfedlora)
 @pytest.mark.parametrize("method", ["legend", "hetlora", "fedadapter", "flora", "hierfedlora"])
-def test_resumed_run_equals_uninterrupted(method, tmp_path, monkeypatch):
+def test_resumed_run_equals_uninterrupted(method, tmp_path, monkeypatch, cfg_for):
     cfg = cfg_for(method)
     runner.run_experiment(cfg, tmp_path / "whole", progress=False)
     assert not (tmp_path / "whole" / runner.CHECKPOINT).exists()       # removed once the run ends
@@ -66,7 +67,7 @@ def test_resumed_run_equals_uninterrupted(method, tmp_path, monkeypatch):
     assert not (tmp_path / "cut" / runner.CHECKPOINT).exists()
 
 
-def test_checkpoint_of_another_config_is_not_continued(tmp_path, monkeypatch, capsys):
+def test_checkpoint_of_another_config_is_not_continued(tmp_path, monkeypatch, capsys, cfg_for):
     cfg = cfg_for("legend", **{"run.rounds": 2})
     stop_after(monkeypatch, 1)
     with pytest.raises(Stop):
@@ -82,7 +83,7 @@ def test_checkpoint_of_another_config_is_not_continued(tmp_path, monkeypatch, ca
     assert [r["round"] for r in records] == [1, 2] and records[0]["lr"] == pytest.approx(other.train.lr)
 
 
-def test_without_resume_a_checkpoint_is_ignored(tmp_path, monkeypatch):
+def test_without_resume_a_checkpoint_is_ignored(tmp_path, monkeypatch, cfg_for):
     cfg = cfg_for("fedlora", **{"run.rounds": 2})
     stop_after(monkeypatch, 1)
     with pytest.raises(Stop):

@@ -2,6 +2,7 @@ import csv
 
 from fedlegend.compare import markdown_table, run_compare
 from fedlegend.config import build_config
+from fedlegend.rundir import finished_run, run_relevant
 
 
 def test_markdown_table_ratios_to_legend():
@@ -17,9 +18,8 @@ def test_markdown_table_ratios_to_legend():
     assert "never" in next(l for l in t.splitlines() if l.startswith("| hetlora"))
 
 
-def test_compare_writes_csv_table_and_figures(tmp_path):
-    cfg = build_config({}, {"fleet.devices": 2, "run.rounds": 2, "train.local_steps": 1, "train.batch_size": 4,
-                            "data.eval_subset": 32, "run.eval_every": 1})
+def test_compare_writes_csv_table_and_figures(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(**{"fleet.devices": 2, "data.eval_subset": 32, "run.target_accuracy": 0.75})
     rows = run_compare(cfg, ["legend", "fedlora", "legend-wo-ld"], [0], tmp_path, progress=False)
     target = min(r["final_accuracy"] for r in rows)
     assert all(r["target_accuracy"] == target for r in rows)          # the paper's rule
@@ -31,6 +31,10 @@ def test_compare_writes_csv_table_and_figures(tmp_path):
                 "fig13_ablation"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
     assert (tmp_path / "table.md").read_text().count("\n") == 5
+    legend = cfg.model_copy(deep=True)
+    legend.method.name = "legend"
+    assert finished_run(tmp_path / "legend-seed0", legend)["final_accuracy"] == rows[0]["final_accuracy"]
+    assert finished_run(tmp_path / "fedlora-seed0", legend) is None          # another method's run
     # --resume reads finished runs of the same config back instead of running them again
     before = (tmp_path / "legend-seed0" / "records.jsonl").stat().st_mtime_ns
     again = run_compare(cfg, ["legend", "fedlora", "legend-wo-ld"], [0], tmp_path, progress=False, resume=True)
@@ -44,7 +48,6 @@ def test_compare_writes_csv_table_and_figures(tmp_path):
 
 def test_resume_ignores_sections_of_other_methods():
     import tomllib
-    from fedlegend.compare import run_relevant
     from fedlegend.config import dump_config
 
     a = build_config({}, {"method.name": "fedlora"})
