@@ -6,14 +6,12 @@ import json
 import pytest
 import torch
 
-from fedlegend.adapters import BottleneckHost, adapter_key, find_ffn_outputs
 from fedlegend.devices import lora_forward_flops, round_work
-from fedlegend.lora import inspect_model
-from fedlegend.methods.base import DeviceUpdate, MethodContext
-from fedlegend.methods.fedadapter import (FedAdapter, elementwise_average, loss_slope, pad_to, slice_width,
-                                          trial_groups)
-
-from test_engine import tiny_cfg
+from fedlegend.hosts.bottleneck import BottleneckHost, adapter_key, find_ffn_outputs
+from fedlegend.methods.aggregation import DeviceUpdate, elementwise_average, pad_to
+from fedlegend.methods.base import RoundView
+from fedlegend.methods.fedadapter import FedAdapter, loss_slope, slice_width, trial_groups
+from fedlegend.spec import inspect_model
 
 
 def make_host(model, widths):
@@ -140,9 +138,9 @@ def test_elementwise_average_touches_only_trained_elements():
 
 # ---------------------------------------------------------------- the progressive search
 @pytest.fixture
-def method(tiny_bert):
+def method(tiny_bert, method_ctx):
     spec = inspect_model(tiny_bert, ("query", "value"))
-    ctx = MethodContext(spec=spec, num_devices=6, local_steps=1, batch_size=4, nominal_width=16, seed=0)
+    ctx = method_ctx(spec=spec, n=6, steps=1, batch_size=4, nominal_width=16, seed=0)
     return FedAdapter(ctx, init_depth=2, init_width=4, depth_step=1, max_width=16, trial_rounds=2)
 
 
@@ -161,17 +159,13 @@ def run_period(m, g, rounds, rate):
     """Feed the method synthetic rounds: each group's loss falls at `rate[group]` per virtual second."""
     loss = {grp: 1.0 for grp in rate}
     for h in rounds:
-        plans = m.plan(h, list(range(6)), {}, {})
-        updates, rows = [], []
-        for d, p in plans.items():
-            grp = m._group_of[d]
-            payload = m.assign(g, p)
-            updates.append(DeviceUpdate(d, {k: v + 1.0 for k, v in payload.items()}, samples=10))
-            rows.append({"id": d, "loss": loss[grp], "time_s": 2.0, "samples": 10})
+        out = m.configure(RoundView(h, list(range(6))), g)
+        plans = {d: a.plan for d, a in out.items()}
+        updates = [DeviceUpdate(d, {k: v + 1.0 for k, v in a.payload.items()}, samples=10,
+                                loss=loss[m._group_of[d]], time_s=2.0) for d, a in out.items()]
         for grp in loss:
             loss[grp] -= rate[grp] * 2.0
-        m.observe_round(h, rows)
-        g = m.aggregate(g, updates)
+        g = m.aggregate(h, g, updates).state     # observes the reported losses and times, then aggregates
     return g, plans
 
 
@@ -206,9 +200,9 @@ def test_groups_are_deterministic_and_cover_devices():
     assert loss_slope([1.0], [3.0]) is None
 
 
-def test_search_stops_at_the_caps(tiny_bert):
+def test_search_stops_at_the_caps(tiny_bert, method_ctx):
     spec = inspect_model(tiny_bert, ("query", "value"))
-    ctx = MethodContext(spec=spec, num_devices=3, local_steps=1, batch_size=4, nominal_width=16)
+    ctx = method_ctx(spec=spec, n=3, steps=1, batch_size=4, nominal_width=16)
     m = FedAdapter(ctx, init_depth=4, init_width=16, max_width=16)
     assert m.candidates() == {"current": (4, 16)}
     assert FedAdapter(ctx, init_depth=4, init_width=16, max_width=16, search=False).candidates() == {"current": (4, 16)}
@@ -225,11 +219,11 @@ def test_cost_model_prices_adapter_width_as_its_parameters(tiny_bert):
 
 
 # ---------------------------------------------------------------- end to end (real default model, tiny)
-def test_fedadapter_end_to_end(tmp_path):
-    from fedlegend.data import eval_batches
+def test_fedadapter_end_to_end(tmp_path, tiny_cfg):
     from fedlegend.assets import resolve_model
+    from fedlegend.data import eval_batches
     from fedlegend.models import load_base_model
-    from fedlegend.runner import run_experiment
+    from fedlegend.rundir import run_experiment
 
     cfg = tiny_cfg(**{"method.name": "fedadapter", "method.fedadapter.trial_rounds": 2})
     summary = run_experiment(cfg, tmp_path, progress=False)
