@@ -45,6 +45,7 @@ def outputs(d):
 # methods that carry state between rounds: estimates (legend), rank pruning (hetlora), a search
 # period with per-group models (fedadapter, stopped mid-period), a seeded restart counter (flora),
 # group clocks and ticks (hierfedlora)
+@pytest.mark.slow   # two real 3-round runs per method: 7-9 s each on 2 cores
 @pytest.mark.parametrize("method", ["legend", "hetlora", "fedadapter", "flora", "hierfedlora"])
 def test_resumed_run_equals_uninterrupted(method, tmp_path, monkeypatch, cfg_for):
     cfg = cfg_for(method)

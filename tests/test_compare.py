@@ -1,5 +1,7 @@
 import csv
 
+import pytest
+
 from fedlegend.compare import markdown_table, run_compare
 from fedlegend.config import build_config
 from fedlegend.rundir import finished_run, run_relevant
@@ -18,6 +20,7 @@ def test_markdown_table_ratios_to_legend():
     assert "never" in next(l for l in t.splitlines() if l.startswith("| hetlora"))
 
 
+@pytest.mark.slow   # three real runs and the figures: ~12 s on 2 cores
 def test_compare_writes_csv_table_and_figures(tmp_path, tiny_cfg):
     cfg = tiny_cfg(**{"fleet.devices": 2, "data.eval_subset": 32, "run.target_accuracy": 0.75})
     rows = run_compare(cfg, ["legend", "fedlora", "legend-wo-ld"], [0], tmp_path, progress=False)
