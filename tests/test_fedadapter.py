@@ -191,6 +191,17 @@ def test_search_upgrades_to_the_best_progressing_trial(method):
     assert method.current == (3, 8)
 
 
+def test_a_period_ending_without_updates_still_closes_the_period(method):
+    """Every update of a period's last round lost: the period still ends (a winner, from what the
+    trials did) and the current group's earlier work becomes the global adapter."""
+    g0 = global_state()
+    g, _ = run_period(method, g0, [1], {"current": 0.01, "deeper": 0.05, "wider": 0.02})
+    method.configure(RoundView(2, list(range(6))), g)
+    new = method.aggregate(2, g, []).state
+    assert [h["round"] for h in method.history] == [2] and method.history[0]["winner"] == "current"
+    assert torch.allclose(new[adapter_key(2, "up.weight")][:, :4], torch.full((32, 4), 1.0))   # round 1's training
+
+
 def test_groups_are_deterministic_and_cover_devices():
     a = trial_groups(list(range(7)), 3, seed=1, period=2)
     assert a == trial_groups(list(range(7)), 3, seed=1, period=2)

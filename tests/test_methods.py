@@ -139,7 +139,8 @@ def test_frequency_and_depth_fills_the_period():
     assert frequency_and_depth(lambda d: 10.0 + d, 2.0, 6, 4, 2) == (1, 2)
 
 
-def test_hierfedlora_ticks_clock_and_aggregation(method_ctx):
+def _hierfedlora_after_profiling(method_ctx):
+    """A 2-group HierFedLoRA after its profiling round: (method, global state, estimates, fast group, devices)."""
     c = method_ctx(L=4, n=4, label_counts=((5, 5),) * 4)
     m = make_method("hierfedlora", c, {"hierfedlora": {"groups": 2, "rank": 2, "max_frequency": 3}})
     devs = [0, 1, 2, 3]
@@ -154,11 +155,19 @@ def test_hierfedlora_ticks_clock_and_aggregation(method_ctx):
     # fast t(d) = 0.1 + 0.3 d -> (tau 3, d 3) = 9 layer updates; slow t(d) = 1 + d -> (1, 2)
     fast = set(m.groups[m.group_of[0]])
     est = {i: Estimate(0.1, 0.3, 0.0) if i in fast else Estimate(1.0, 1.0, 0.0) for i in devs}
+    return m, state, est, fast, devs
+
+
+def ones(a, v=1.0):
+    return {k: torch.full_like(t, v) for k, t in a.payload.items()}
+
+
+def test_hierfedlora_ticks_clock_and_aggregation(method_ctx):
+    m, state, est, fast, devs = _hierfedlora_after_profiling(method_ctx)
     out = configure(m, 2, devs, est, state=state)
     gf, gs = m.group_of[0], 1 - m.group_of[0]
     assert (m.tau[gf], m.depth[gf]) == (3, 3) and (m.tau[gs], m.depth[gs]) == (1, 2)
     assert all(isinstance(a, Assignment) for a in out.values())
-    ones = lambda a, v=1.0: {k: torch.full_like(t, v) for k, t in a.payload.items()}
     # tick 1: both groups train; the slow group's last iteration; clock = the slow group's time
     times = {i: (0.5 if i in fast else 3.0) for i in devs}
     agg = m.aggregate(2, state, [DeviceUpdate(i, ones(out[i]), 10, time_s=times[i]) for i in devs])
@@ -182,6 +191,20 @@ def test_hierfedlora_ticks_clock_and_aggregation(method_ctx):
     assert torch.equal(new[fast_only], torch.full_like(state[fast_only], 3.0))
     assert torch.equal(new[nobody], state[nobody])          # nobody trained layer 0: kept
     assert plans(m, 99, devs, est).keys() == set(devs)        # the next global round starts
+
+
+def test_hierfedlora_keeps_the_groups_work_when_the_last_tick_brings_nothing(method_ctx):
+    """Every update of a global round's last tick lost (e.g. the devices dropped): the global
+    aggregation still merges what the groups trained in the earlier ticks."""
+    m, state, est, fast, devs = _hierfedlora_after_profiling(method_ctx)
+    for round_ in (2, 3):                                     # ticks 1 and 2 train (value 1)
+        out = configure(m, round_, devs, est, state=state)
+        trained = [i for i, a in out.items() if isinstance(a, Assignment)]
+        m.aggregate(round_, state, [DeviceUpdate(i, ones(out[i]), 10, time_s=0.5) for i in trained])
+    configure(m, 4, devs, est, state=state)                   # tick 3: the fast group's last, nothing arrives
+    new = m.aggregate(4, state, []).state
+    assert torch.equal(new["layers.1.q.lora_A"], torch.ones_like(state["layers.1.q.lora_A"]))  # fast group's work
+    assert torch.equal(new["layers.0.q.lora_A"], state["layers.0.q.lora_A"])
 
 
 # ------------------------------------------------------------------ the contract, for every registered method

@@ -193,13 +193,12 @@ class FedAdapter(Method):
 
     def aggregate(self, round_, global_state, updates):
         self.observe(updates)
-        if not updates:
-            return Aggregated(global_state)
         by_group: dict[str, list] = {}
         for u in updates:
             by_group.setdefault(self._group_of.get(u.device, "current"), []).append(u)
         for group, us in by_group.items():
             self._states[group] = elementwise_average(self._group_state(group, global_state), us, self.weighting)
+        # also without updates: a period's last round picks the winner from what the trials did
         end_of_period = self._round % self.trial_rounds == 0
         if not end_of_period:
             return Aggregated(self._states.get("current", global_state))

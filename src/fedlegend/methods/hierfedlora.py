@@ -172,7 +172,8 @@ class HierFedLora(Method):
 
     def aggregate(self, round_, global_state, updates):
         round_time, waits = self.round_timing({u.device: u.time_s for u in updates})
-        return Aggregated(self._merge(global_state, updates) if updates else global_state, round_time, waits)
+        # also without updates: on a global round's last tick the groups' earlier work is merged
+        return Aggregated(self._merge(global_state, updates), round_time, waits)
 
     def _merge(self, global_state: AdapterState, updates: list[DeviceUpdate]) -> AdapterState:
         by_group: dict[int, list[DeviceUpdate]] = {}
