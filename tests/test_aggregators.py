@@ -40,7 +40,7 @@ def test_normalized_sums_to_one_and_keeps_proportions(w):
     assert sum(out) == pytest.approx(1.0)
     if sum(w) > 0:
         top = max(range(len(w)), key=lambda i: w[i])
-        assert all(out[i] == pytest.approx(out[top] * w[i] / w[top]) for i in range(len(w)))
+        assert all(out[i] == pytest.approx(out[top] * (w[i] / w[top])) for i in range(len(w)))
 
 
 @SETTINGS
