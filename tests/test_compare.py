@@ -58,3 +58,23 @@ def test_resume_ignores_sections_of_other_methods():
     c = build_config({}, {"method.name": "fedlora", "method.fedlora.rank": 4})
     rel = lambda cfg: run_relevant(tomllib.loads(dump_config(cfg)))
     assert rel(a) == rel(b) and rel(a) != rel(c)
+
+
+def test_same_run_reads_a_saved_config_through_todays_defaults():
+    """A knob added since a run finished (absent from its config.toml, at its default today) keeps it
+    the same run; a changed value or a key that no longer exists makes it another."""
+    import tomllib
+
+    import tomli_w
+
+    from fedlegend.config import build_config, dump_config
+    from fedlegend.rundir import same_run
+
+    cfg = build_config({}, {"fleet.devices": 3})
+    saved = tomllib.loads(dump_config(cfg))
+    del saved["fleet"]["downlink_factor"]                     # an "older" config without this knob
+    assert same_run(tomli_w.dumps(saved), cfg)
+    assert not same_run(tomli_w.dumps(saved), build_config({}, {"fleet.devices": 3, "fleet.downlink_factor": 2.0}))
+    saved["fleet"]["gone_knob"] = 1
+    assert not same_run(tomli_w.dumps(saved), cfg)
+    assert not same_run("not [valid toml", cfg)

@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, dump_config
+from .config import Config, ConfigError, build_config, dump_config
 from .engine import Engine, engine_for
 from .engine.local import Snapshot
 from .experiment import build_experiment
@@ -45,8 +45,14 @@ def run_relevant(config: dict) -> dict:
 
 
 def same_run(config_toml: str, cfg: Config) -> bool:
-    """Whether a saved config (TOML text) is the same run as `cfg`."""
-    return run_relevant(tomllib.loads(config_toml)) == run_relevant(tomllib.loads(dump_config(cfg)))
+    """Whether a saved config (TOML text) is the same run as `cfg`. The saved one is read through
+    today's defaults first, so a knob added since (at its default, the old behaviour) does not make
+    a finished run another run; one that no longer validates is another run."""
+    try:
+        saved = dump_config(build_config(tomllib.loads(config_toml), source="a saved run's config"))
+    except (ConfigError, tomllib.TOMLDecodeError):
+        return False
+    return run_relevant(tomllib.loads(saved)) == run_relevant(tomllib.loads(dump_config(cfg)))
 
 
 def finished_run(run_dir: Path, cfg: Config) -> dict | None:
