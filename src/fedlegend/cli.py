@@ -1,13 +1,21 @@
-"""Command line: `fedlegend run` (one method) and `fedlegend compare` (several, same fleet and seeds)."""
+"""Command line: `fedlegend run` (one method) and `fedlegend compare` (several, same fleet and seeds).
+
+A user error (errors.UserError: config, files, models, data; or an output that exists) prints
+one line naming the file, line or field and the fix, exit status 2; `--debug` adds its
+traceback. Any other exception is a programming error and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-from .assets import AssetError
-from .config import ConfigError, load_config
-from .data import DataError
+from .config import load_config
+from .errors import UserError
+
+# what the CLI reports as the user's to fix, without a traceback (FileExistsError: an output folder or key)
+USER_ERRORS = (UserError, FileExistsError)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -61,7 +69,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .methods import check_method
 
     methods = [check_method(m.strip()) for m in a.methods.split(",") if m.strip()]
-    seeds = [int(s) for s in a.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {a.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
     cfg = load_config(a.config, _overrides(a))
     print(f"fedlegend compare: {', '.join(methods)} x seeds {seeds} -> {a.out}", file=sys.stderr)
     run_compare(cfg, methods, seeds, a.out, target=a.target, progress=not a.quiet, resume=a.resume)
@@ -78,7 +89,10 @@ def cmd_certs(a: argparse.Namespace) -> int:
         files = write_supernode_keys(a.dir, range(a.first, a.first + a.supernodes))
         print(f"wrote {', '.join(str(p) for p in files.values())}")
         return 0
-    files = write_certs(a.dir, [h.strip() for h in a.hosts.split(",") if h.strip()], a.days, a.supernodes)
+    hosts = [h.strip() for h in a.hosts.split(",") if h.strip()]
+    if not hosts:
+        raise UserError("--hosts names no host; give the SuperLink's comma-separated names or IPs")
+    files = write_certs(a.dir, hosts, a.days, a.supernodes)
     print(f"wrote {', '.join(str(p) for p in files.values())}")
     auth = " --enable-supernode-auth" if a.supernodes else ""
     print(f"flower-superlink --ssl-ca-certfile {files['ca.crt']} --ssl-certfile {files['server.pem']} "
@@ -94,6 +108,8 @@ def cmd_certs(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlegend", description="Federated LoRA fine-tuning on heterogeneous devices")
+    parser.add_argument("--debug", action="store_true",
+                        help="on a user error (config, files, models, data), also print the traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one method on the simulated fleet")
     from .methods import method_list
@@ -129,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         return a.func(a)
-    except (ConfigError, AssetError, DataError, ValueError, FileExistsError) as err:
+    except USER_ERRORS as err:   # anything else is a bug: its traceback goes out as Python prints it
+        if a.debug:
+            traceback.print_exc()
         print(f"fedlegend: error: {err}", file=sys.stderr)
         return 2
 

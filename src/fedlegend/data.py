@@ -8,11 +8,12 @@ import numpy as np
 import torch
 
 from .assets import TextDataset
+from .errors import UserError
 
 SPLIT_SEED = 20240601  # the test split is the same for every run seed, so runs compare on one test set
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be partitioned or used; the message names the fix."""
 
 

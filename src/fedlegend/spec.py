@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ModelError
+
 AdapterState = dict[str, torch.Tensor]
 Ranks = dict[int, int]  # transformer layer index -> LoRA rank (or adapter width)
 
@@ -99,15 +101,15 @@ def inspect_model(model: torch.nn.Module, target_modules: tuple[str, ...]) -> Mo
         if name.rsplit(".", 1)[-1] in target_modules:
             targets.append(LoraTarget(int(m["idx"]), m["suffix"], name, mod.in_features, mod.out_features))
     if not targets:
-        raise ValueError(f"no Linear module named any of {list(target_modules)} inside numbered transformer "
+        raise ModelError(f"no Linear module named any of {list(target_modules)} inside numbered transformer "
                          "layers; set model.target_modules to the model's attention projection names")
     head = next((h for h in HEAD_CANDIDATES if hasattr(model, h)), None)
     if head is None:
-        raise ValueError("the model has no 'classifier' or 'score' head; load it as a sequence classifier")
+        raise ModelError("the model has no 'classifier' or 'score' head; load it as a sequence classifier")
     head_shapes = {n: tuple(p.shape) for n, p in getattr(model, head).named_parameters()}
     L = int(cfg.num_hidden_layers)
     if sorted({t.layer for t in targets}) != list(range(L)):
-        raise ValueError(f"LoRA targets found in layers {sorted({t.layer for t in targets})}, expected 0..{L - 1}")
+        raise ModelError(f"LoRA targets found in layers {sorted({t.layer for t in targets})}, expected 0..{L - 1}")
     return ModelSpec(num_layers=L, hidden=int(cfg.hidden_size),
                      intermediate=int(getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)),
                      targets=tuple(sorted(targets, key=lambda t: (t.layer, t.module))),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from ..errors import MethodNameError
 from .aggregation import DeviceUpdate
 from .base import (Aggregated, Assignment, Estimate, Estimator, LoraPlan, Method, MethodContext, MethodInfo,
                    RoundView, Skip, StatusReport)
@@ -56,9 +57,10 @@ METHODS: dict[str, Registered] = {
 
 
 def check_method(name: str) -> str:
-    """The one check of a method name: registered, or a ValueError listing those that are."""
+    """The one check of a method name: registered, or a MethodNameError (a UserError and a ValueError,
+    so the config's pydantic validator reports it on method.name) listing those that are."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
+        raise MethodNameError(f"unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
     return name
 
 
