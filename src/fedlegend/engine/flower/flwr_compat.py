@@ -39,7 +39,7 @@ from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest 
 from flwr.supercore import log  # noqa: E402
 from flwr.supercore.constant import TaskType  # noqa: E402
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor  # noqa: E402
-from flwr.supercore.retry import make_simple_http_retry_invoker  # noqa: E402
+from flwr.supercore.retry import RetryInvoker, exponential, make_simple_http_retry_invoker  # noqa: E402
 from flwr.supercore.runtime import RuntimeHttpClient  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from flwr.supercore.tls import validate_and_resolve_root_certificates  # noqa: E402
@@ -57,7 +57,7 @@ __all__ = [
     "RegisterNodeRequest", "AcquireTaskRequest", "SendTaskHeartbeatRequest",
     # flwr.supercore: logger, task types, the Runtime API's HTTP client, TLS, a message's run identity (tests)
     "log", "TaskType", "RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor",
-    "make_simple_http_retry_invoker", "RuntimeHttpClient", "TaskIdentity", "validate_and_resolve_root_certificates",
+    "make_simple_http_retry_invoker", "RetryInvoker", "exponential", "RuntimeHttpClient", "TaskIdentity", "validate_and_resolve_root_certificates",
     # flwr.supernode: a ClientApp task's steps, as flwr-clientapp runs them
     "pull_task_input", "push_message", "push_task_output",
 ]
