@@ -9,14 +9,16 @@ plot, adapter/), the per-round checkpoint and --resume, and recognising a finish
 from __future__ import annotations
 
 import json
-import os
 import resource
+import shutil
 import sys
 import time
 import tomllib
 from pathlib import Path
 from typing import Callable
 
+from . import checkpoint
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, build_config, dump_config
 from .engine import Engine, engine_for
 from .engine.local import Snapshot
@@ -24,8 +26,10 @@ from .experiment import build_experiment
 from .methods import METHODS
 from .results import RecordWriter, plot_run, summarize
 
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 2   # 2: method state of the configure/aggregate contract (format 1 is not continued)
+CHECKPOINT = "checkpoint"   # a folder: checkpoint.json + tensors-*.safetensors (checkpoint.py)
+CHECKPOINT_FORMAT = 3   # 3: JSON + safetensors (2: a pickle, checkpoint.pt, no longer read)
+LEGACY_CHECKPOINT = "checkpoint.pt"
+FRESH_FLAG = "--fresh-on-bad-checkpoint"
 
 
 def peak_rss_mb() -> float:
@@ -65,27 +69,50 @@ def finished_run(run_dir: Path, cfg: Config) -> dict | None:
 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, cfg: Config, snap: Snapshot, wall_clock_s: float) -> None:
-    """The local loop's state after a round; written to a temporary file and renamed, so a stop
-    while writing leaves the previous checkpoint whole."""
-    import torch
+    """The round loop's state after a round, into the folder `path` (checkpoint.py: JSON + safetensors,
+    the manifest renamed last, so a stop while writing leaves the previous checkpoint whole)."""
+    checkpoint.write(path, {"config": dump_config(cfg), "wall_clock_s": wall_clock_s},
+                     {"snapshot": dict(vars(snap))}, CHECKPOINT_FORMAT, label=f"r{snap.round:04d}")
 
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "config": dump_config(cfg), "wall_clock_s": wall_clock_s,
-                "snapshot": dict(vars(snap))}, tmp)
-    os.replace(tmp, path)
+
+def _bad(path: Path, why: str) -> CheckpointError:
+    err = CheckpointError(f"{why}; delete {path} or rerun with {FRESH_FLAG} to start the run afresh")
+    err.why = why
+    return err
 
 
 def load_checkpoint(path: Path, cfg: Config) -> tuple[Snapshot, float] | None:
-    """(snapshot, wall-clock seconds spent so far) from a checkpoint of this run's config, else None.
-    Unpickles: load only checkpoints fedlegend wrote (the run's own folder)."""
-    import torch
+    """(snapshot, wall-clock seconds spent so far) from the checkpoint folder `path` if it is one of
+    this run's config; None when there is none, or it is of another config. A corrupt, truncated or
+    foreign one (or an old pickle checkpoint.pt beside it) raises CheckpointError: one line naming the
+    file and the fix. Never unpickles: the tensors are read by safetensors, the rest is JSON."""
+    legacy = path.parent / LEGACY_CHECKPOINT
+    if not (path / checkpoint.MANIFEST).exists():
+        if legacy.exists():
+            raise _bad(legacy, f"{legacy}: a pickle checkpoint of an older fedlegend, which is not loaded "
+                       "(unpickling runs code)")
+        return None   # none yet (a stop during the first save leaves no manifest)
+    try:
+        manifest = checkpoint.read_manifest(path, CHECKPOINT_FORMAT)
+        if type(manifest.get("config")) is not str or not same_run(manifest["config"], cfg):
+            return None
+        tree = checkpoint.read_tree(path, manifest)
+        snap = tree["snapshot"] if type(tree) is dict else None
+        fields = {"round", "clock", "state", "estimates", "method", "records"}
+        if type(snap) is not dict or set(snap) != fields or type(snap["round"]) is not int:
+            raise CheckpointError(f"{path / checkpoint.MANIFEST}: holds no round-loop snapshot")
+        wall = manifest.get("wall_clock_s")
+        if type(wall) not in (int, float):
+            raise CheckpointError(f"{path / checkpoint.MANIFEST}: no wall_clock_s")
+    except CheckpointError as err:
+        raise _bad(path, str(err)) from None
+    return Snapshot(**snap), float(wall)
 
-    if not path.exists():
-        return None
-    ck = torch.load(path, weights_only=False)
-    if ck.get("format") != CHECKPOINT_FORMAT or not same_run(ck["config"], cfg):
-        return None
-    return Snapshot(**ck["snapshot"]), float(ck["wall_clock_s"])
+
+def remove_checkpoint(path: Path) -> None:
+    """The checkpoint folder (and an old checkpoint.pt beside it), once the run has ended."""
+    shutil.rmtree(path, ignore_errors=True)
+    (path.parent / LEGACY_CHECKPOINT).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- outputs
@@ -98,14 +125,17 @@ def write_partitions(path: Path, exp) -> None:
 
 
 def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True,
-                   engine: Engine | Callable | None = None, resume: bool = False) -> dict:
+                   engine: Engine | Callable | None = None, resume: bool = False,
+                   fresh_on_bad_checkpoint: bool = False) -> dict:
     """Run `cfg` on its engine (`run.engine`, or `engine` when given, e.g. a deployed Flower grid:
     an Engine or a plain function (exp, on_record, progress)) and write everything into out_dir;
     returns the summary.
 
-    An engine that supports resume (the local loop) saves `checkpoint.pt` in out_dir after every
-    round (removed when the run ends); with resume, a checkpoint of the same config is continued
-    from its round, and the run's records, adapter and summary come out as without the stop."""
+    An engine that supports resume (the local loop, Flower's) saves `checkpoint/` in out_dir after
+    every round (removed when the run ends); with resume, a checkpoint of the same config is
+    continued from its round, and the run's records, adapter and summary come out as without the
+    stop. One of another config is left for a fresh run; a corrupt or foreign one raises
+    CheckpointError, or with fresh_on_bad_checkpoint is reported and left for a fresh run."""
     start = time.perf_counter()  # wall clock is reported, never used as simulated time
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,12 +146,21 @@ def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True,
         engine = Engine("custom", engine)
     earlier_s, extra = 0.0, {}
     if engine.supports_resume:
-        found = load_checkpoint(ckpt, cfg) if resume else None
-        if found is not None:
-            print(f"{cfg.method.name}: resuming after round {found[0].round} from {ckpt}", file=sys.stderr)
-            earlier_s = found[1]
-        elif resume and ckpt.exists():
-            print(f"{cfg.method.name}: {ckpt} is of another config; starting afresh", file=sys.stderr)
+        found = None
+        if resume:
+            try:
+                found = load_checkpoint(ckpt, cfg)
+            except CheckpointError as err:
+                if not fresh_on_bad_checkpoint:
+                    raise
+                print(f"{cfg.method.name}: {getattr(err, 'why', err)}; starting afresh ({FRESH_FLAG})",
+                      file=sys.stderr)
+            else:
+                if found is not None:
+                    print(f"{cfg.method.name}: resuming after round {found[0].round} from {ckpt}", file=sys.stderr)
+                    earlier_s = found[1]
+                elif (ckpt / checkpoint.MANIFEST).exists():
+                    print(f"{cfg.method.name}: {ckpt} is of another config; starting afresh", file=sys.stderr)
         extra = {"resume": found[0] if found else None,
                  "on_snapshot": lambda s: save_checkpoint(ckpt, cfg, s, earlier_s + time.perf_counter() - start)}
     (out / "config.toml").write_text(dump_config(cfg))
@@ -138,5 +177,5 @@ def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True,
                         peak_rss_mb=peak_rss_mb())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_run({cfg.method.name: records}, out / "accuracy_traffic.png", cfg.run.target_accuracy)
-    ckpt.unlink(missing_ok=True)
+    remove_checkpoint(ckpt)
     return summary
