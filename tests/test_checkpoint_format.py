@@ -26,8 +26,8 @@ def same(a, b) -> bool:
         return False
     if isinstance(a, torch.Tensor):
         return (a.dtype == b.dtype and a.shape == b.shape and a.requires_grad == b.requires_grad
-                and torch.equal(a.detach().view(-1).view(torch.uint8) if a.numel() else a.detach(),
-                                b.detach().view(-1).view(torch.uint8) if b.numel() else b.detach()))
+                and torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8) if a.numel() else a.detach(),
+                                b.detach().contiguous().reshape(-1).view(torch.uint8) if b.numel() else b.detach()))
     if isinstance(a, float):
         return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
     if isinstance(a, np.generic):

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
+
 MANIFEST = "checkpoint.json"
 KIND = "fedlegend-checkpoint"
 _TENSOR_FILE = re.compile(r"tensors-[A-Za-z0-9_-]{1,64}\.safetensors")
@@ -44,7 +46,7 @@ class EncodeError(TypeError):
     """A value the checkpoint format does not hold (the message names where it is)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read: corrupt, truncated, foreign or of another format version."""
 
 

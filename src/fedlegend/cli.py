@@ -58,7 +58,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     out = a.out or f"runs/{cfg.method.name}-seed{cfg.run.seed}"
     print(f"fedlegend run: {cfg.method.name} on {cfg.model.name} / {cfg.data.name}, {cfg.fleet.devices} devices, "
           f"{cfg.run.rounds} rounds, {cfg.run.engine} engine -> {out}", file=sys.stderr)
-    summary = run_experiment(cfg, out, progress=not a.quiet, resume=a.resume)
+    summary = run_experiment(cfg, out, progress=not a.quiet, resume=a.resume,
+                             fresh_on_bad_checkpoint=a.fresh_on_bad_checkpoint)
     print(format_summary(summary))
     print(f"outputs in {out}/: records.jsonl summary.json config.toml accuracy_traffic.png adapter/")
     return 0
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--method", help=f"registered method (default legend): {method_list()}")
     run.add_argument("--out", help="output folder (default runs/METHOD-seedSEED)")
     run.add_argument("--resume", action="store_true",
-                     help="continue an interrupted run of the same config in --out from its last round (checkpoint.pt)")
+                     help="continue an interrupted run of the same config in --out from its last round (checkpoint/)")
+    run.add_argument("--fresh-on-bad-checkpoint", action="store_true",
+                     help="with --resume: a corrupt, truncated or foreign checkpoint is reported and the run starts "
+                     "afresh (default: stop with an error naming the file)")
     _add_common(run)
     run.set_defaults(func=cmd_run)
     cmp_ = sub.add_parser("compare", help="run several methods on the same partitions, seeds and fleet")
