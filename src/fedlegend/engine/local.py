@@ -149,7 +149,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
             events.append({"device": dev, "kind": reply.kind, "detail": reply.detail})
             continue
         try:
-            check_update(reply.local.state, trained_part(a.payload, a.plan))
+            check_update(reply.local.state, trained_part(a.payload, a.plan), a.plan)
         except UpdateRejected as err:
             events.append({"device": dev, "kind": "rejected", "detail": str(err)})
             continue

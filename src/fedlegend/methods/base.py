@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..spec import AdapterState, ModelSpec, Ranks, state_bytes
+from ..spec import AdapterState, ModelSpec, Ranks, key_layer, state_bytes
 from .aggregation import DeviceUpdate
 
 
@@ -161,16 +161,81 @@ class UpdateRejected(ValueError):
     """A device update that must not reach the global adapter."""
 
 
-def check_update(update: AdapterState, sent: AdapterState) -> None:
-    """Reject an update whose keys or shapes differ from what was sent, or that holds NaN/Inf."""
+# The tensor kinds whose size along one axis is the layer's rank (LoRA) or width (bottleneck adapter):
+# key suffix -> that axis. A LoRA A is (r, d_in), B is (d_out, r); an adapter's down (w, d) + (w,), up (d, w).
+RANK_AXES = {"lora_A": 0, "lora_B": 1, "adapter.down.weight": 0, "adapter.down.bias": 0, "adapter.up.weight": 1}
+
+
+def rank_axis(key: str) -> int | None:
+    """The axis of a canonical key's tensor that carries its layer's rank (or width); None if none does."""
+    return next((axis for suffix, axis in RANK_AXES.items() if key.endswith("." + suffix)), None)
+
+
+def max_update_bytes(sent: AdapterState) -> int:
+    """The most bytes a device may send back: exactly the tensors it was assigned to train (keys and
+    shapes fixed by its plan, at the dtype it was sent)."""
+    return state_bytes(sent)
+
+
+def check_update(update: AdapterState, sent: AdapterState, plan: LoraPlan | None = None) -> None:
+    """Reject, with the reason, an update that must not reach the global adapter.
+
+    `sent` is what the device was assigned to train and send back (`trained_part(payload, plan)`).
+    In this order, an update is rejected when it
+      - is not a dict of named tensors (dense, strided torch tensors);
+      - sends back a tensor its plan freezes (plan.frozen: FFA-LoRA's lora_A, a residual), a tensor
+        of a layer its plan does not assign (not in plan.ranks), an unknown key, or misses a key;
+      - is oversized: more bytes than max_update_bytes(sent) (a larger tensor or dtype), checked
+        before any value is read;
+      - has a tensor whose dtype is not the one sent, whose rank axis (the rank rule, explicit:
+        RANK_AXES, LoRA A rows, B columns, adapter widths) is not plan.ranks[layer], or whose shape
+        is not the one sent;
+      - holds NaN or Inf.
+    Without a plan only the keys, dtypes, shapes, size and values are checked against `sent`.
+    """
+    if not isinstance(update, dict):
+        raise UpdateRejected(f"not a dict of tensors but a {type(update).__name__}")
+    for k, t in update.items():
+        if not isinstance(k, str):
+            raise UpdateRejected(f"key {k!r} is a {type(k).__name__}, not a tensor name")
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_quantized:
+            raise UpdateRejected(f"{k}: a {type(t).__name__ if not isinstance(t, torch.Tensor) else t.layout}, "
+                                 "not a dense tensor")
+    if plan is not None:
+        frozen = sorted(k for k in update if any(k.endswith("." + part) for part in plan.frozen))
+        if frozen:
+            raise UpdateRejected(f"sends back tensors its plan freezes ({', '.join(plan.frozen)}): {frozen[:3]}")
+        unassigned = sorted(k for k in update if k not in sent and (l := _layer_of(k)) is not None
+                            and l not in plan.ranks)
+        if unassigned:
+            raise UpdateRejected(f"tensors of layers its plan does not assign (plan: {plan.layers}): {unassigned[:3]}")
     if set(update) != set(sent):
         extra, missing = sorted(set(update) - set(sent)), sorted(set(sent) - set(update))
         raise UpdateRejected(f"keys differ from the assigned adapter (unexpected {extra[:3]}, missing {missing[:3]})")
+    size, limit = state_bytes(update), max_update_bytes(sent)   # before any value is read
+    if size > limit:
+        raise UpdateRejected(f"oversized: {size} bytes, but its plan allows at most {limit}")
     for k, t in update.items():
+        if t.dtype != sent[k].dtype:
+            raise UpdateRejected(f"{k}: dtype {t.dtype} but {sent[k].dtype} was sent")
+        if plan is not None and (axis := rank_axis(k)) is not None:   # the rank rule, before the shape
+            layer = _layer_of(k)
+            want = plan.ranks.get(layer) if layer is not None else None
+            if want is None or t.dim() <= axis or t.shape[axis] != want:
+                raise UpdateRejected(f"{k}: rank {tuple(t.shape)[axis] if t.dim() > axis else None} along axis "
+                                     f"{axis}, but its plan assigns layer {layer} rank {want}")
         if tuple(t.shape) != tuple(sent[k].shape):
             raise UpdateRejected(f"{k}: shape {tuple(t.shape)} but {tuple(sent[k].shape)} was assigned")
         if not torch.isfinite(t).all():
             raise UpdateRejected(f"{k}: holds NaN or Inf")
+
+
+def _layer_of(key: str) -> int | None:
+    """The transformer layer of a canonical key, None for a head key or a key that names no layer number."""
+    try:
+        return key_layer(key)
+    except (ValueError, IndexError):
+        return None   # "layers.<not a number>...": an unknown key, rejected as such
 
 
 def trained_part(payload: AdapterState, plan: LoraPlan) -> AdapterState:

@@ -6,6 +6,13 @@ Keys of the RecordDicts:
   QUERY  server -> node: "query" ConfigRecord;  node -> server: "reply" ConfigRecord (device-id)
 A measured reply's "metrics" also carry STAMP_KEYS (timing.py); a simulated device's, the
 worker process it ran in ("worker-pid", "worker-builds").
+
+Decoding never trusts a message: `content_to_assignment` and `content_to_result` raise
+MalformedMessage (a ValueError) for a missing or mistyped record or value, an array that does
+not decode to a numeric tensor of its declared dtype and shape, and absurd numbers (negative or
+non-finite times, counts beyond MAX_COUNT, seconds beyond MAX_SECONDS, ranks < 1, repeated
+layers); no other exception comes out of them. The update's keys, shapes, ranks, dtype and
+size are then checked against what was sent (methods.base.check_update, in finish_round).
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ STATUS_MODES = ("fleet", "measured")
 STAMP_KEYS = ("recv-at", "done-at")  # a measured reply's wall-clock stamps (device clock, seconds since epoch)
 
 
+MAX_COUNT = 2**31 - 1      # the most samples, steps, layers, ranks, bytes or batch entries a message may name
+MAX_SECONDS = 1e9          # the longest time a reply may report (about 32 years)
+ARRAY_KINDS = "biufc"      # numpy dtype kinds a tensor may have: bool, int, uint, float, complex
+
+
 class MalformedMessage(ValueError):
     """A message whose records do not follow the wire format above."""
 
@@ -42,9 +54,31 @@ def state_to_record(state: AdapterState) -> ArrayRecord:
     return ArrayRecord({k: t.detach().contiguous() for k, t in state.items()})
 
 
+def _decode_array(key: str, a) -> torch.Tensor:
+    """One Array as a writable torch tensor of its declared dtype and shape, or MalformedMessage."""
+    try:
+        arr = a.numpy()
+    except Exception as err:  # np.load on foreign bytes raises ValueError, OSError, EOFError, UnpicklingError ...
+        raise MalformedMessage(f"array {key!r} does not decode ({type(err).__name__}: {err})") from None
+    if not isinstance(arr, np.ndarray):
+        raise MalformedMessage(f"array {key!r} decodes to a {type(arr).__name__}, not an array")
+    if arr.dtype.kind not in ARRAY_KINDS or not arr.dtype.isnative or arr.dtype.hasobject:
+        raise MalformedMessage(f"array {key!r} has dtype {arr.dtype.str}, not a native numeric one")
+    if str(arr.dtype) != str(a.dtype) or tuple(arr.shape) != tuple(a.shape):
+        raise MalformedMessage(f"array {key!r} holds {arr.dtype} {tuple(arr.shape)} but declares "
+                               f"{a.dtype} {tuple(a.shape)}")
+    try:
+        # np.array copies: the decoded buffers are read-only and torch wants writable memory
+        return torch.from_numpy(np.array(arr))
+    except (TypeError, ValueError, RuntimeError) as err:   # a dtype torch has no tensor of
+        raise MalformedMessage(f"array {key!r} ({arr.dtype}) is no torch tensor: {err}") from None
+
+
 def record_to_state(rec: ArrayRecord) -> AdapterState:
-    # np.array copies: the decoded buffers are read-only and torch wants writable memory
-    return {k: torch.from_numpy(np.array(a.numpy())) for k, a in rec.items()}
+    """The tensors of an ArrayRecord; MalformedMessage if one is not a numeric array of its declared dtype/shape."""
+    if not isinstance(rec, ArrayRecord):
+        raise MalformedMessage(f"expected an ArrayRecord, got a {type(rec).__name__}")
+    return {str(k): _decode_array(str(k), a) for k, a in rec.items()}
 
 
 def config_hash(config_toml: str) -> str:
@@ -75,6 +109,24 @@ def _get(rec, key: str, kind: type | tuple[type, ...], where: str):
     return value
 
 
+def _count(value, what: str, low: int = 0, high: int = MAX_COUNT) -> int:
+    """An integer count within [low, high] (a float only if integral), else MalformedMessage."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MalformedMessage(f"{what} is {type(value).__name__}, expected an integer")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise MalformedMessage(f"{what} = {value!r} is not an integer")
+    if not low <= value <= high:
+        raise MalformedMessage(f"{what} = {value!r} is outside [{low}, {high}]")
+    return int(value)
+
+
+def _int_list(rec, key: str, where: str, low: int = 0, default: list | None = None) -> list[int]:
+    if default is not None and key not in rec:
+        return default
+    values = _get(rec, key, list, where)
+    return [_count(v, f"{where}[{key!r}] entry", low) for v in values]
+
+
 def _record(content: RecordDict, key: str, kind: type):
     rec = content.get(key)
     if not isinstance(rec, kind):
@@ -84,20 +136,28 @@ def _record(content: RecordDict, key: str, kind: type):
 
 def content_to_assignment(content: RecordDict) -> tuple[Dispatch, str]:
     """The Dispatch and config TOML of a TRAIN message; MalformedMessage if it does not parse."""
+    if not isinstance(content, RecordDict):
+        raise MalformedMessage(f"message content is a {type(content).__name__}, not a RecordDict")
     plan = _record(content, "plan", ConfigRecord)
-    layers, ranks = _get(plan, "layers", list, "plan"), _get(plan, "ranks", list, "plan")
+    layers, ranks = _int_list(plan, "layers", "plan"), _int_list(plan, "ranks", "plan", low=1)
     if not layers or len(layers) != len(ranks):
         raise MalformedMessage(f"plan has {len(layers)} layers but {len(ranks)} ranks")
+    if len(set(layers)) != len(layers):
+        raise MalformedMessage(f"plan names a layer twice: {layers}")
     config_toml = _get(plan, "config", str, "plan")
     if _get(plan, "config-hash", str, "plan") != config_hash(config_toml):
         raise MalformedMessage("plan's config does not match its hash")
-    dev = _get(plan, DEVICE_ID_KEY, int, "plan")
-    frozen = tuple(p for p in str(plan.get("frozen", "")).split(",") if p)
-    lora = LoraPlan(dev, {int(l): int(r) for l, r in zip(layers, ranks)}, frozen)
+    dev = _count(_get(plan, DEVICE_ID_KEY, int, "plan"), "plan's device id")
+    frozen = tuple(p for p in _get(plan, "frozen", str, "plan").split(",") if p) if "frozen" in plan else ()
+    lora = LoraPlan(dev, dict(zip(layers, ranks)), frozen)
     payload = record_to_state(_record(content, "payload", ArrayRecord))
-    down = int(plan.get("download-bytes", -1))
-    a = Dispatch(_get(plan, "round", int, "plan"), Assignment(lora, payload, state_bytes(payload) if down < 0 else down),
-                 _get(plan, "steps", int, "plan"), float(_get(plan, "lr", (int, float), "plan")))
+    down = _count(_get(plan, "download-bytes", int, "plan"), "plan's download-bytes") if "download-bytes" in plan else -1
+    lr = float(_get(plan, "lr", (int, float), "plan"))
+    if not (math.isfinite(lr) and lr > 0):
+        raise MalformedMessage(f"plan's lr = {lr!r} is not a positive number")
+    a = Dispatch(_count(_get(plan, "round", int, "plan"), "plan's round"),
+                 Assignment(lora, payload, state_bytes(payload) if down < 0 else down),
+                 _count(_get(plan, "steps", int, "plan"), "plan's steps"), lr)
     return a, config_toml
 
 
@@ -115,11 +175,15 @@ def result_to_content(res: DeviceResult | DeviceFailure, round_: int, extra: dic
     return RecordDict({"update": state_to_record(res.local.state), "metrics": MetricRecord(metrics), "reply": reply})
 
 
-def content_to_result(content: RecordDict, device: int, round_: int) -> DeviceResult | DeviceFailure:
+def content_to_result(content: RecordDict, device: int, round_: int,
+                      max_update_bytes: int | None = None) -> DeviceResult | DeviceFailure:
     """Parse and sanity-check the reply of `device` for `round_`; MalformedMessage if it is not one.
 
-    Keys, shapes and NaN of the update are checked later against what was sent (check_update).
+    Keys, shapes, ranks, dtypes, size and NaN of the update are checked later against what was
+    sent (check_update); `max_update_bytes`, if given, rejects a larger update before decoding it.
     """
+    if not isinstance(content, RecordDict):
+        raise MalformedMessage(f"message content is a {type(content).__name__}, not a RecordDict")
     reply = _record(content, "reply", ConfigRecord)
     echoed = _get(reply, DEVICE_ID_KEY, int, "reply")
     if echoed != device:
@@ -133,14 +197,22 @@ def content_to_result(content: RecordDict, device: int, round_: int) -> DeviceRe
         raise MalformedMessage(f"reply status {status!r} is neither 'ok' nor 'failed'")
     metrics = _record(content, "metrics", MetricRecord)
     nums = {k: _get(metrics, k, (int, float), "metrics") for k in ("samples", "loss", *TIME_KEYS, *REPORT_KEYS)}
-    bad = [k for k, v in nums.items() if not math.isfinite(v) or (k != "loss" and v < 0)]
+    bad = [k for k, v in nums.items() if not math.isfinite(v) or (k != "loss" and v < 0) or abs(v) > MAX_SECONDS]
     if bad:
-        raise MalformedMessage(f"metrics {bad} are negative or not finite")
-    state = record_to_state(_record(content, "update", ArrayRecord))
-    shapes = list(zip(reply.get("batch-sizes", []), reply.get("batch-widths", [])))
-    local = LocalResult(state, int(nums["samples"]), float(nums["loss"]), [(int(b), int(w)) for b, w in shapes])
+        raise MalformedMessage(f"metrics {bad} are negative, not finite or beyond {MAX_SECONDS:g}")
+    samples = _count(nums["samples"], "metrics' samples")
+    sizes, widths = (_int_list(reply, k, "reply", default=[]) for k in ("batch-sizes", "batch-widths"))
+    if len(sizes) != len(widths):
+        raise MalformedMessage(f"reply has {len(sizes)} batch sizes but {len(widths)} batch widths")
+    rec = _record(content, "update", ArrayRecord)
+    if max_update_bytes is not None:
+        size = sum(len(a.data) for a in rec.values())
+        if size > max_update_bytes + 128 * len(rec):   # + the .npy header of each array
+            raise MalformedMessage(f"update of {size} bytes; its plan allows at most {max_update_bytes}")
+    state = record_to_state(rec)
+    local = LocalResult(state, samples, float(nums["loss"]), list(zip(sizes, widths)))
     rt = RoundTime(*(float(nums[k]) for k in TIME_KEYS))
-    report = StatusReport(device, *(float(nums[k]) for k in REPORT_KEYS), samples=int(nums["samples"]))
+    report = StatusReport(device, *(float(nums[k]) for k in REPORT_KEYS), samples=samples)
     return DeviceResult(device, local, rt, report)
 
 
