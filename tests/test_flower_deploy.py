@@ -8,6 +8,10 @@ Every component runs under a known PID and is stopped at the end, also when the 
 Opt-in (FEDLEGEND_DEPLOY_TEST=1): the same federation without TLS, on the real default model
 and data with the fleet model's status and one SuperNode restarted between the rounds (the
 device comes back under a new node id and keeps its estimates).
+
+Opt-in (FEDLEGEND_SOAK_TEST=1, several minutes): bench/flower_soak.py's soak, SuperNodes killed
+(SIGTERM or SIGKILL) and restarted at random (seeded) while 10 rounds run; every round completes,
+restarted devices rejoin and train again with their workers unchanged, no arrived update is lost.
 """
 
 import json
@@ -147,7 +151,7 @@ def test_slow_deployed_federation_restart(tmp_path):
         while not ((out / "records.jsonl").exists() and read_records(out)) and time.monotonic() < deadline:
             time.sleep(0.5)
         fed.stop_node(1)            # graceful: the SuperNode deactivates itself on the SuperLink
-        fed.start_node(1)
+        fed.start_node(1)           # the server waits (rejoin-wait-s, 30 s by default) for device 1 between rounds
         pids.update(fed.pids)
         runner.join(timeout=600)
         res: subprocess.CompletedProcess = result["res"]
@@ -163,6 +167,29 @@ def test_slow_deployed_federation_restart(tmp_path):
     assert max(lora_b_norms(out)) > 0
 
 
+@pytest.mark.skipif(os.environ.get("FEDLEGEND_SOAK_TEST") != "1",
+                    reason="slow (about 10-15 minutes): set FEDLEGEND_SOAK_TEST=1")
+def test_slow_soak_supernodes_killed_and_restarted(tmp_path, tiny_assets):
+    """10 rounds on the tiny model (many local steps, so that rounds last long enough for restarts to overlap
+    them) while SuperNodes are killed and restarted at random: bench/flower_soak.py's run_soak."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("flower_soak", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "flower_soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    toml = tiny_toml(*tiny_assets).replace("rounds = 2", "rounds = 10").replace("local_steps = 2", "local_steps = 400")
+    fig = soak.run_soak(tmp_path, toml, devices=3, rounds=10, seed=1, gap_s=(10.0, 25.0), kill_p=0.3,
+                        max_restarts=6, round_timeout_s=90.0, rejoin_wait_s=45.0, timeout_s=900.0)
+    print(json.dumps({k: v for k, v in fig.items() if k not in ("accepted_per_round",)}, indent=1))
+    assert fig["flwr_run_rc"] == 0 and fig["rounds_completed"] == 10, fig
+    assert fig["restarts"] >= 2 and fig["restarts_survived"] == fig["restarts"], fig["restart_log"]
+    assert all(fig["workers_alive_same_pid"].values())          # each worker outlived its SuperNode's restarts
+    assert fig["updates_lost"] == 0 and fig["updates_arrived"] <= fig["updates_accepted"], fig["lost"]
+    assert all(r["rejoined_in_round"] is not None for r in fig["restart_log"])   # a 'rejoined' event after each
+
+
 def test_gone_sees_process_groups():
     import subprocess
 
@@ -171,3 +198,55 @@ def test_gone_sees_process_groups():
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait()
     assert gone(proc.pid)
+
+
+def test_refresh_waits_for_a_device_whose_node_left_once_per_absence(monkeypatch):
+    """The restart race: between rounds the server waits (bounded) until a restarted node is back and named
+    its device, so the device is in the next round; a device gone for good is waited for once, not every round."""
+    from fedlegend.engine.flower import strategy as st
+    from fedlegend.engine.flower.roster import Roster
+
+    clock = [0.0]
+    monkeypatch.setattr(st.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(st.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+
+    class Grid:
+        def __init__(self):
+            self.schedule = []   # (from time, node ids)
+
+        def get_node_ids(self):
+            return next(nodes for t, nodes in reversed(self.schedule) if clock[0] >= t)
+
+    s = st.MethodStrategy.__new__(st.MethodStrategy)
+    s.roster, s._pending_events, s.rejoin_wait_s = Roster(), [], 30.0
+    plays = {10: 0, 11: 1, 12: 2, 21: 1, 22: 2}   # node -> device (21, 22: restarted nodes of devices 1, 2)
+
+    def query(grid, nodes):   # every node names its device at once (MethodStrategy._query asks over the grid)
+        events = []
+        for n in nodes:
+            s.roster._assign(n, plays[n], events)
+        return events
+
+    s._query = query
+    grid = Grid()
+    grid.schedule = [(0.0, [10, 11, 12])]
+    s.refresh(grid)
+    assert s.roster.node_device == {10: 0, 11: 1, 12: 2} and clock[0] == 0.0
+    grid.schedule = [(0.0, [10, 12]), (7.0, [10, 12, 21])]     # node 11 left; its device comes back at t = 7 s
+    s.refresh(grid)
+    assert s.roster.node_of(1) == 21 and 7.0 <= clock[0] < 8.0     # waited until it was back, no longer
+    assert any(e["kind"] == "rejoined" and e["device"] == 1 for e in s._pending_events)
+    t = clock[0]
+    grid.schedule = [(0.0, [10, 21])]                            # node 12 left for good
+    s.refresh(grid)
+    assert s.roster.node_of(2) is None and clock[0] - t == pytest.approx(30.0, abs=0.6)   # one bounded wait
+    t = clock[0]
+    s.refresh(grid)
+    assert clock[0] == t                                          # ... and not again in the next rounds
+    grid.schedule = [(0.0, [10, 21, 22])]                         # it does come back later: taken in at once
+    s.refresh(grid)
+    assert s.roster.node_of(2) == 22 and clock[0] == t
+    s.rejoin_wait_s = 0.0                                         # 0: never waits
+    grid.schedule = [(0.0, [10, 22])]
+    s.refresh(grid)
+    assert clock[0] == t and s.roster.node_of(1) is None

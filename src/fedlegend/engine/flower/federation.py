@@ -180,17 +180,35 @@ class LocalFederation:
             if name in self.procs:
                 _stop([self.procs.pop(name)], grace_s)
 
-    def run_args(self, config: Path, out: Path, status: str = "measured", app_dir: Path = APP_DIR) -> list[str]:
-        """The `flwr run` command line of the fedlegend app with `config` on this federation."""
+    def kill_supernode(self, dev: int, sig: int = signal.SIGTERM, grace_s: float = 10.0) -> None:
+        """Stop only device `dev`'s SuperNode (its worker keeps running and reconnects once the
+        SuperNode is started again with start_node(dev, worker=False)). SIGTERM: the SuperNode
+        leaves gracefully; SIGKILL: a crash, noticed by the SuperLink only when heartbeats stop."""
+        proc = self.procs.pop(f"supernode{dev}", None)
+        if proc is None:
+            return
+        _signal_group(proc, sig)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def run_args(self, config: Path, out: Path, status: str = "measured", app_dir: Path = APP_DIR,
+                 extra: dict[str, float | int | str] | None = None) -> list[str]:
+        """The `flwr run` command line of the fedlegend app with `config` on this federation;
+        `extra`: more run config keys (e.g. {"round-timeout-s": 90, "rejoin-wait-s": 30})."""
         run_config = f"config='{config}' out='{out}' status='{status}'"
+        for key, value in (extra or {}).items():
+            run_config += f" {key}={value!r}" if isinstance(value, str) else f" {key}={value}"
         return ["flwr", "run", str(app_dir), "local", "--run-config", run_config, "--stream"]
 
     def run(self, config: Path, out: Path, timeout: float = 900.0, app_dir: Path = APP_DIR,
-            status: str = "measured") -> subprocess.CompletedProcess:
+            status: str = "measured", extra: dict[str, float | int | str] | None = None) -> subprocess.CompletedProcess:
         """`flwr run` of the fedlegend app with `config`, streaming its log into workdir/flwr-run.log."""
         with open(self.workdir / "flwr-run.log", "wb") as log:
-            return subprocess.run(self.run_args(config, out, status, app_dir), stdout=log, stderr=subprocess.STDOUT,
-                                  env=flwr_env(self.workdir), timeout=timeout, check=False)
+            return subprocess.run(self.run_args(config, out, status, app_dir, extra), stdout=log,
+                                  stderr=subprocess.STDOUT, env=flwr_env(self.workdir), timeout=timeout, check=False)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM each component's process group (SuperNodes first), then SIGKILL what is left."""
