@@ -7,6 +7,8 @@ Run config keys (pyproject [tool.flwr.app.config], or `flwr run --run-config`):
   config      a fedlegend TOML file on the SuperLink's machine ("" = defaults)
   out         the output folder on the SuperLink's machine
   round-timeout-s  seconds to wait for a round's replies before counting a device as dropped
+  rejoin-wait-s    between rounds, seconds to wait (once per absence) for a device whose node left to
+                   come back (a restarting SuperNode) before planning the round without it; 0 = never
   status      "measured" (default: the devices' own timing, see timing.py) or "fleet"
               (the fleet's cost model, virtual seconds, as in simulation)
 Each SuperNode plays the device named by its node config: --node-config 'device-id=N'.
@@ -25,10 +27,11 @@ client_app = make_client_app()
 server_app = ServerApp()
 
 
-def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured"):
+def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured", rejoin_wait_s: float = 30.0):
     """An engine function for rundir.run_experiment: the rounds over `grid`'s SuperNodes."""
     def engine(exp, on_record=None, progress=False):
         strategy = MethodStrategy(exp, on_record, status=status)
+        strategy.rejoin_wait_s = rejoin_wait_s
         strategy.run(grid, round_timeout_s)
         return strategy.state, strategy.records
     return engine
@@ -40,5 +43,6 @@ def main(grid: Grid, context: Context) -> None:
 
     rc = context.run_config
     cfg = load_config(str(rc["config"]) if rc.get("config") else None, {"run.engine": "flower"})
-    engine = run_on_grid(grid, float(rc.get("round-timeout-s", 600.0)), str(rc.get("status", "measured")))
+    engine = run_on_grid(grid, float(rc.get("round-timeout-s", 600.0)), str(rc.get("status", "measured")),
+                         float(rc.get("rejoin-wait-s", 30.0)))
     run_experiment(cfg, str(rc.get("out", "runs/flower-deploy")), progress=False, engine=engine)

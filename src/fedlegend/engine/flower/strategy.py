@@ -90,8 +90,30 @@ class MethodStrategy(Strategy):
         self._pending_events = self._query(grid, nodes)
         return self.roster
 
+    # between rounds, how long to wait for a device whose node left (a restarting SuperNode) to come back;
+    # each absence is waited for once, so a device that is gone for good costs one wait, not one per round
+    rejoin_wait_s: float = 0.0
+    _rejoin_waited: frozenset[int] = frozenset()
+
     def refresh(self, grid: Grid) -> None:
-        """Between rounds: forget nodes that left, ask nodes that joined (a restarted SuperNode)."""
+        """Between rounds: forget nodes that left, ask nodes that joined (a restarted SuperNode).
+
+        With rejoin_wait_s > 0, a device some node played earlier but none plays now is waited
+        for (up to rejoin_wait_s, once per absence) before the round is planned without it."""
+        self._refresh_once(grid)
+        deadline = time.monotonic() + self.rejoin_wait_s
+        while (absent := self._absent() - self._rejoin_waited) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            self._refresh_once(grid)
+        if absent:
+            log(INFO, "fedlegend: devices %s did not come back within %.0f s; planning without them", sorted(absent),
+                self.rejoin_wait_s)
+        self._rejoin_waited = frozenset((self._rejoin_waited | absent) & self._absent())
+
+    def _absent(self) -> set[int]:
+        return {dev for dev in self.roster.served if self.roster.node_of(dev) is None}
+
+    def _refresh_once(self, grid: Grid) -> None:
         connected = set(grid.get_node_ids())
         self._pending_events += self.roster.update(connected)
         new = sorted(connected - self.roster.known())
