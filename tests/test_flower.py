@@ -478,3 +478,135 @@ def test_package_exports_import_lazily():
             "print(sorted(m for m in ('torch', 'flwr') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------ checkpoints and resume
+def resume_cfg(**over):
+    """3 rounds evaluated every 2, FedAdapter's 2-round search period: a stop after round 1 splits both."""
+    return tiny_cfg(**{"method.name": "fedadapter", "run.rounds": 3, "run.eval_every": 2,
+                       "method.fedadapter.trial_rounds": 2, "run.engine": "flower", **over})
+
+
+class Stop(Exception):
+    pass
+
+
+def run_outputs(d):
+    from safetensors.torch import load_file
+    adapter = {k: v for f in sorted((d / "adapter").glob("*.safetensors")) for k, v in load_file(f).items()}
+    return (d / "records.jsonl").read_text(), adapter
+
+
+def assert_same_outputs(a, b):
+    assert a[0] == b[0]                                          # every record, byte for byte
+    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+class InProcessGrid(FakeGrid):
+    """A Grid on this process: QUERY replies name each node's device, TRAIN messages run the local
+    engine's run_device on `exp` (fleet status). Push/pull, as TimedGrid drives a deployed Grid."""
+
+    def __init__(self, nodes: dict[int, int]):
+        super().__init__(nodes)
+        self.exp, self.n, self.replies = None, 0, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            self.n += 1
+            mid = f"m{self.n}"
+            m.metadata.__dict__["_message_id"] = mid
+            node = m.metadata.dst_node_id
+            if m.metadata.message_type == MessageType.QUERY:
+                content = RecordDict({"reply": ConfigRecord({fl.DEVICE_ID_KEY: self.nodes[node]})})
+            else:
+                a, _ = fl.content_to_assignment(m.content)
+                content = fl.result_to_content(run_device(self.exp, a), a.round)
+            meta = Metadata(run_id=1, message_id=f"r{self.n}", src_node_id=node, dst_node_id=0,
+                            reply_to_message_id=mid, group_id=m.metadata.group_id, created_at=0.0, ttl=60.0,
+                            message_type=m.metadata.message_type)
+            self.replies[mid] = Message(content=content, metadata=meta)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def grid_engine():
+    """The deployed ServerApp's engine (app.run_on_grid) over an InProcessGrid of 3 devices."""
+    from dataclasses import replace
+
+    from fedlegend.engine.flower import app
+
+    grid = InProcessGrid({11: 0, 12: 1, 13: 2})
+    engine = app.run_on_grid(grid, 60.0, "fleet")
+
+    def run(exp, **kw):
+        grid.exp = exp
+        return engine.run(exp, **kw)
+
+    assert engine.supports_resume
+    return replace(engine, run=run)
+
+
+def test_deployed_engine_resumes_from_its_checkpoint(tmp_path, monkeypatch, flower_identity):
+    """The ServerApp's engine under rundir.run_experiment: stopped after round 1, resumed from its
+    checkpoint, its records and adapter are those of the uninterrupted run (Flower's rounds 1-2 of
+    the resumed run are our rounds 2-3)."""
+    from fedlegend import rundir
+
+    cfg = resume_cfg()
+    rundir.run_experiment(cfg, tmp_path / "whole", progress=False, engine=grid_engine())
+    assert not (tmp_path / "whole" / rundir.CHECKPOINT).exists()
+    real = rundir.save_checkpoint
+
+    def save_then_stop(path, cfg_, snap, wall_clock_s):
+        real(path, cfg_, snap, wall_clock_s)
+        if snap.round == 1:
+            raise Stop
+
+    with monkeypatch.context() as m, pytest.raises(Stop):   # (monkeypatch.undo would undo flower_identity too)
+        m.setattr(rundir, "save_checkpoint", save_then_stop)
+        rundir.run_experiment(cfg, tmp_path / "cut", progress=False, engine=grid_engine())
+    assert (tmp_path / "cut" / rundir.CHECKPOINT).exists()
+    rundir.run_experiment(cfg, tmp_path / "cut", progress=False, engine=grid_engine(), resume=True)
+    assert_same_outputs(run_outputs(tmp_path / "cut"), run_outputs(tmp_path / "whole"))
+    assert [__import__("json").loads(l)["round"] for l in (tmp_path / "cut" / "records.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_deployed_server_app_resumes_by_default(monkeypatch, tmp_path):
+    """main() passes resume (default on) and fresh-on-bad-checkpoint from the run config to run_experiment."""
+    from fedlegend import rundir
+    from fedlegend.engine.flower import app
+
+    seen = []
+    monkeypatch.setattr(rundir, "run_experiment", lambda cfg, out, **kw: seen.append(kw))
+    for rc in ({"out": str(tmp_path)}, {"out": str(tmp_path), "resume": False, "fresh-on-bad-checkpoint": "true"}):
+        app.main(object(), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    assert [(kw["resume"], kw["fresh_on_bad_checkpoint"]) for kw in seen] == [(True, False), (False, True)]
+    assert all(kw["engine"].supports_resume for kw in seen)
+
+
+def test_slow_flower_simulation_resumes_from_checkpoint(tmp_path, monkeypatch):
+    """Flower's simulation engine: a run resumed from the checkpoint of its round 1 (taken from an
+    uninterrupted run) ends with the uninterrupted run's records and adapter, byte for byte."""
+    import shutil
+
+    from fedlegend import rundir
+
+    cfg = resume_cfg()
+    real = rundir.save_checkpoint
+
+    def save_and_keep_round_1(path, cfg_, snap, wall_clock_s):
+        real(path, cfg_, snap, wall_clock_s)
+        if snap.round == 1:
+            shutil.copytree(path, tmp_path / "cut" / rundir.CHECKPOINT)
+
+    monkeypatch.setattr(rundir, "save_checkpoint", save_and_keep_round_1)
+    rundir.run_experiment(cfg, tmp_path / "whole", progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / rundir.CHECKPOINT / "checkpoint.json").exists()
+    rundir.run_experiment(cfg, tmp_path / "cut", progress=False, resume=True)
+    assert_same_outputs(run_outputs(tmp_path / "cut"), run_outputs(tmp_path / "whole"))
+    assert not (tmp_path / "cut" / rundir.CHECKPOINT).exists()

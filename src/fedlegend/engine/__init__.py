@@ -29,7 +29,7 @@ def _run_flower(*args, **kwargs):
 
 ENGINES: dict[str, Engine] = {
     "local": Engine("local", _run_local, supports_resume=True),
-    "flower": Engine("flower", _run_flower),
+    "flower": Engine("flower", _run_flower, supports_resume=True),
 }
 
 

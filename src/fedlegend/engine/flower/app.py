@@ -11,6 +11,10 @@ Run config keys (pyproject [tool.flwr.app.config], or `flwr run --run-config`):
                    come back (a restarting SuperNode) before planning the round without it; 0 = never
   status      "measured" (default: the devices' own timing, see timing.py) or "fleet"
               (the fleet's cost model, virtual seconds, as in simulation)
+  resume      true (default): continue from `out`'s checkpoint/ if it is of the same run
+              (a checkpoint is saved after every round and removed when the run ends)
+  fresh-on-bad-checkpoint  true: a corrupt or foreign checkpoint is reported and the run starts
+              afresh (default false: the ServerApp stops with the checkpoint's error)
 Each SuperNode plays the device named by its node config: --node-config 'device-id=N'.
 """
 
@@ -20,6 +24,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ...config import load_config
+from .. import Engine
 from .client import make_client_app
 from .strategy import MethodStrategy
 
@@ -28,13 +33,19 @@ server_app = ServerApp()
 
 
 def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured", rejoin_wait_s: float = 30.0):
-    """An engine function for rundir.run_experiment: the rounds over `grid`'s SuperNodes."""
-    def engine(exp, on_record=None, progress=False):
-        strategy = MethodStrategy(exp, on_record, status=status)
+    """An engine for rundir.run_experiment: the rounds over `grid`'s SuperNodes; it resumes from a
+    snapshot (the run folder's checkpoint) and hands one out after every round."""
+    def engine(exp, on_record=None, progress=False, resume=None, on_snapshot=None):
+        strategy = MethodStrategy(exp, None, status=status, resume=resume, on_snapshot=on_snapshot)
         strategy.rejoin_wait_s = rejoin_wait_s
-        strategy.run(grid, round_timeout_s)
+        for rec in strategy.records:   # the rounds before the checkpoint, replayed as run_local does
+            if on_record:
+                on_record(rec)
+        strategy.on_record = on_record
+        if strategy.offset < exp.cfg.run.rounds:
+            strategy.run(grid, round_timeout_s)
         return strategy.state, strategy.records
-    return engine
+    return Engine("flower-grid", engine, supports_resume=True)
 
 
 @server_app.main()
@@ -45,4 +56,11 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(rc["config"]) if rc.get("config") else None, {"run.engine": "flower"})
     engine = run_on_grid(grid, float(rc.get("round-timeout-s", 600.0)), str(rc.get("status", "measured")),
                          float(rc.get("rejoin-wait-s", 30.0)))
-    run_experiment(cfg, str(rc.get("out", "runs/flower-deploy")), progress=False, engine=engine)
+    run_experiment(cfg, str(rc.get("out", "runs/flower-deploy")), progress=False, engine=engine,
+                   resume=_flag(rc.get("resume", True)),
+                   fresh_on_bad_checkpoint=_flag(rc.get("fresh-on-bad-checkpoint", False)))
+
+
+def _flag(value) -> bool:
+    """A run-config boolean (TOML true/false, or "true"/"false" from --run-config strings)."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")

@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ...experiment import Experiment
 from ...spec import AdapterState
+from ..local import Snapshot
 from .client import make_client_app
 from .strategy import MethodStrategy
 
@@ -43,12 +44,19 @@ def simulate(strategy: MethodStrategy, cpus_per_client: float = 1.0, round_timeo
 
 
 def run_flower(exp: Experiment, on_record: Callable[[dict], None] | None = None, progress: bool = True,
-               cpus_per_client: float = 1.0, round_timeout_s: float = 3600.0) -> tuple[AdapterState, list[dict]]:
+               cpus_per_client: float = 1.0, round_timeout_s: float = 3600.0, resume: Snapshot | None = None,
+               on_snapshot: Callable[[Snapshot], None] | None = None) -> tuple[AdapterState, list[dict]]:
     """All rounds on Flower's simulation engine; returns the final global adapter and the records,
-    like engine.local.run_local."""
+    like engine.local.run_local (also its `resume` and `on_snapshot`: a resumed run replays the
+    snapshot's records through `on_record`, then runs the remaining rounds)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=exp.cfg.run.rounds, desc=f"{exp.method.info.name} (flower)", unit="round", disable=not progress)
+    strategy = MethodStrategy(exp, None, resume=resume, on_snapshot=on_snapshot)
+    for rec in strategy.records:
+        if on_record:
+            on_record(rec)
+    bar = tqdm(total=exp.cfg.run.rounds, desc=f"{exp.method.info.name} (flower)", unit="round", disable=not progress,
+               initial=strategy.offset)
 
     def emit(rec: dict) -> None:
         bar.update(1)
@@ -57,9 +65,10 @@ def run_flower(exp: Experiment, on_record: Callable[[dict], None] | None = None,
         if on_record:
             on_record(rec)
 
-    strategy = MethodStrategy(exp, emit)
+    strategy.on_record = emit
     try:
-        simulate(strategy, cpus_per_client, round_timeout_s)
+        if strategy.offset < exp.cfg.run.rounds:
+            simulate(strategy, cpus_per_client, round_timeout_s)
     finally:
         bar.close()
     return strategy.state, strategy.records

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from ...config import dump_config
 from ...experiment import Experiment
 from ...spec import AdapterState, state_bytes
-from ..local import DeviceFailure, DeviceResult, RoundOutcome, RoundPlan, Server, status_report
+from ..local import DeviceFailure, DeviceResult, RoundOutcome, RoundPlan, Server, Snapshot, status_report
 from .flwr_compat import log
 from .roster import Roster, collect_replies
 from .timing import TimedGrid, measured_round_time, measured_stamps
@@ -36,10 +36,15 @@ class MethodStrategy(Strategy):
     writes them. `status` ("fleet" or
     "measured") says where devices' times come from (module docstring); Flower's simulation
     takes "fleet" only.
+
+    With `resume` (a Snapshot) the server continues after the snapshot's round: Flower counts the
+    remaining rounds from 1, and Flower's round r is our round `offset + r`. `on_snapshot` gets the
+    server's state after every closed round (the run folder saves it as a checkpoint).
     """
 
     def __init__(self, exp: Experiment, on_record: Callable[[dict], None] | None = None,
-                 node_wait_s: float = 120.0, status: str = "fleet", poll_s: float = 0.2) -> None:
+                 node_wait_s: float = 120.0, status: str = "fleet", poll_s: float = 0.2,
+                 resume: Snapshot | None = None, on_snapshot: Callable[[Snapshot], None] | None = None) -> None:
         if status not in STATUS_MODES:
             raise ValueError(f"status must be one of {STATUS_MODES}, not {status!r}")
         self.exp = exp
@@ -48,7 +53,9 @@ class MethodStrategy(Strategy):
         self.node_wait_s = node_wait_s
         self.status = status
         self.poll_s = poll_s
-        self.server = Server(exp)
+        self.server = Server(exp, resume)
+        self.offset = self.server.round   # rounds done before this Flower run (resume)
+        self.on_snapshot = on_snapshot
         self.roster = Roster()
         self.workers: dict[int, int] = {}  # worker process id -> model builds it reported (load once each)
         self.query_timeout_s = 600.0
@@ -125,8 +132,9 @@ class MethodStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.refresh(grid)
+        round_ = self.offset + server_round
         # self.state is the global adapter (`arrays` mirrors it): no tensor round trip on the server
-        self._round = self.server.plan(server_round)
+        self._round = self.server.plan(round_)
         self._sent, self._messages = {}, {}
         for dev, a in self._round.assignments.items():
             node = self.roster.node_of(dev)
@@ -134,7 +142,7 @@ class MethodStrategy(Strategy):
                 continue  # no node plays this device: finish_round records it as dropped
             self._sent[dev] = node
             self._messages[dev] = Message(assignment_to_content(a, self.config_toml, self.status), dst_node_id=node,
-                                          message_type=MessageType.TRAIN, group_id=str(server_round))
+                                          message_type=MessageType.TRAIN, group_id=str(round_))
         return list(self._messages.values())
 
     def _measured(self, dev: int, res: DeviceResult, reply: Message, grid: TimedGrid | None) -> DeviceResult:
@@ -157,7 +165,7 @@ class MethodStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self._round is None or self._round.round != server_round:
+        if self._round is None or self._round.round != self.offset + server_round:
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
         replies = list(replies)
         self.workers.update(w for w in map(worker_of, replies) if w is not None)
@@ -186,13 +194,16 @@ class MethodStrategy(Strategy):
         return None
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Closes round `server_round`: its record (evaluated on eval rounds) goes out."""
+        """Closes round `server_round` (ours: offset + server_round): its record (evaluated on eval
+        rounds) goes out, then the server's snapshot."""
         if server_round == 0 or self._outcome is None:
             return None
-        rec = self.server.close(server_round, self._outcome)
+        rec = self.server.close(self.offset + server_round, self._outcome)
         self._outcome = None
         if self.on_record:
             self.on_record(rec)
+        if self.on_snapshot:
+            self.on_snapshot(self.server.snapshot())
         return MetricRecord({"accuracy": rec["accuracy"], "loss": rec["loss"]}) if rec["accuracy"] is not None else None
 
     def summary(self) -> None:
@@ -204,5 +215,5 @@ class MethodStrategy(Strategy):
     def run(self, grid: Grid, timeout: float) -> None:
         self._grid = TimedGrid(grid, self.poll_s)
         self.connect(self._grid, timeout)
-        self.start(self._grid, state_to_record(self.state), num_rounds=self.exp.cfg.run.rounds, timeout=timeout,
-                   evaluate_fn=self.evaluate_round)
+        self.start(self._grid, state_to_record(self.state), num_rounds=self.exp.cfg.run.rounds - self.offset,
+                   timeout=timeout, evaluate_fn=self.evaluate_round)
