@@ -96,3 +96,37 @@ def test_without_resume_a_checkpoint_is_ignored(tmp_path, monkeypatch, cfg_for):
     runner.run_experiment(cfg, tmp_path / "a", progress=False)          # a fresh run from round 1
     assert calls == []
     assert len((tmp_path / "a" / "records.jsonl").read_text().splitlines()) == 2
+
+
+def test_bad_checkpoint_stops_resume_unless_asked_to_start_afresh(tmp_path, monkeypatch, capsys, cfg_for):
+    """A truncated tensor file: --resume stops with one line naming the file and the flag; with
+    fresh_on_bad_checkpoint the run starts from round 1 and says why."""
+    from fedlegend.checkpoint import CheckpointError
+
+    cfg = cfg_for("legend", **{"run.rounds": 2})
+    stop_after(monkeypatch, 1)
+    with pytest.raises(Stop):
+        runner.run_experiment(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    tensors = next((tmp_path / runner.CHECKPOINT).glob("tensors-*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"truncated or altered\); delete .* --fresh-on-bad-checkpoint") as err:
+        runner.run_experiment(cfg, tmp_path, progress=False, resume=True)
+    assert str(tensors) in str(err.value) and "\n" not in str(err.value)
+    runner.run_experiment(cfg, tmp_path, progress=False, resume=True, fresh_on_bad_checkpoint=True)
+    assert "(truncated or altered); starting afresh (--fresh-on-bad-checkpoint)" in capsys.readouterr().err
+    assert [json.loads(l)["round"] for l in (tmp_path / "records.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (tmp_path / runner.CHECKPOINT).exists()
+
+
+def test_cli_bad_checkpoint_one_line(tmp_path, capsys):
+    """`fedlegend run --resume` on a folder whose checkpoint manifest is cut short: one error line, exit 2."""
+    from fedlegend.cli import main
+
+    (tmp_path / runner.CHECKPOINT).mkdir()
+    (tmp_path / runner.CHECKPOINT / "checkpoint.json").write_text('{"kind": "fedlegend-checkpoint", "ver')
+    assert main(["run", "--out", str(tmp_path), "--resume", "--quiet", "--rounds", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fedlegend: error: ") and "checkpoint.json: not a readable checkpoint manifest" in err
+    assert err.endswith(f"delete {tmp_path / runner.CHECKPOINT} or rerun with --fresh-on-bad-checkpoint to start "
+                        "the run afresh")
