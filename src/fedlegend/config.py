@@ -61,6 +61,14 @@ class FleetConfig(_Section):
     round_deadline_s: float | None = Field(
         None, gt=0, description="per-round budget; sets C_i = speed*deadline and B_i = bandwidth*deadline (eq. 14-15)"
     )
+    dropout_rate: float = Field(
+        0.0, ge=0, lt=1, description="chance a device drops out of a round (before upload, after a drawn share "
+                                     "of its compute; its update is lost); 0 disables"
+    )
+    cutoff_s: float | None = Field(
+        None, gt=0, description="straggler cutoff (virtual s): the server closes each round at this time, devices "
+                                "not done by then are cut off (work lost); null waits for every device"
+    )
 
     @model_validator(mode="after")
     def _bandwidth_order(self) -> "FleetConfig":

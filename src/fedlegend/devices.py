@@ -9,6 +9,10 @@ The figures are effective training throughputs (GFLOP/s actually sustained by fp
 PyTorch training, not datasheet peaks); only their ratios shape the results. Every draw
 comes from a generator keyed by (seed, device, round), so the fleet is a pure function of
 the seed: simulated time never reads the host's clock.
+
+Faults: with `dropout_rate` > 0 a device may drop out of a round (`dropout`): it fails before
+its upload, after a drawn fraction of its local compute, and its update is lost. The draw has
+its own generator, keyed by (seed, 4, device, round), so no other draw changes with the rate.
 """
 
 from __future__ import annotations
@@ -91,7 +95,9 @@ class Fleet:
 
     def __init__(self, num_devices: int, seed: int, mode_change_every: int = 20,
                  bandwidth_min_mbps: float = 1.0, bandwidth_max_mbps: float = 30.0,
-                 downlink_factor: float = 4.0):
+                 downlink_factor: float = 4.0, dropout_rate: float = 0.0):
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
         rng = np.random.default_rng([seed, 7001])
         kinds = list(DEVICE_TYPES)
         counts = _apportion(num_devices, [DEVICE_TYPES[k].share for k in kinds])
@@ -104,6 +110,7 @@ class Fleet:
         self.mode_change_every = mode_change_every
         self.bw_range = (bandwidth_min_mbps, bandwidth_max_mbps)
         self.downlink_factor = downlink_factor
+        self.dropout_rate = dropout_rate
 
     def __len__(self) -> int:
         return len(self.devices)
@@ -124,6 +131,17 @@ class Fleet:
                          forward_s=work.forward_flops / (s.gflops * 1e9),
                          backward_s=work.backward_flops / (s.gflops * 1e9),
                          upload_s=work.bytes_up * 8 / (s.up_mbps * 1e6))
+
+    def dropout(self, device: int, round_: int) -> float | None:
+        """None if the device stays in round `round_`; else the fraction in [0, 1) of its local
+        compute done before it drops out (it never uploads). Drawn from the device's own
+        generator keyed by (seed, 4, device, round); nothing is drawn at rate 0."""
+        if self.dropout_rate <= 0.0:
+            return None
+        rng = np.random.default_rng([self.seed, 4, device, round_])
+        if rng.random() >= self.dropout_rate:
+            return None
+        return float(rng.random())
 
     def budgets(self, device: int, round_: int, deadline_s: float | None) -> tuple[float, float]:
         """(C_i, B_i) of eq. 14-15: FLOPs and upload bytes the device can afford before the deadline."""

@@ -78,7 +78,7 @@ def build_experiment(cfg: Config) -> Experiment:
     parts = partition(train.labels, cfg.fleet.devices, cfg.partition.kind, cfg.partition.alpha, seed,
                       min_size=cfg.train.batch_size)
     fleet = Fleet(cfg.fleet.devices, seed, cfg.fleet.mode_change_every, cfg.fleet.bandwidth_min_mbps,
-                  cfg.fleet.bandwidth_max_mbps, cfg.fleet.downlink_factor)
+                  cfg.fleet.bandwidth_max_mbps, cfg.fleet.downlink_factor, cfg.fleet.dropout_rate)
 
     seed_everything(seed)  # fixes the head's and the LoRA tensors' initialisation
     model = build_model(asset.kind, asset.path, num_labels=len(ds.label_names), dropout=cfg.model.dropout)
