@@ -4,6 +4,12 @@ Round h: plan -> assign -> local training -> status reports -> aggregate; the ro
 as long as its slowest device (virtual seconds from the fleet's cost model), and every
 other device waits for it.
 
+Faults (`finish_round`): a device may drop out (the fleet's draw, `fleet.dropout_rate`), its
+update may be rejected, or it may be cut off (`fleet.cutoff_s`: the server closes the round
+then). Each counts in the round's time as the server's clock sees it: a rejected reply when it
+arrived, a drop-out when the device failed, a cut-off device at the cutoff. Waiting is over the
+devices whose update was accepted; no status report (so no estimate update) comes from the others.
+
 The round is split into a server side (`plan_round`, `finish_round`) and a device side
 (`run_device`) so that the Flower engine runs exactly the same code across messages.
 """
@@ -17,7 +23,8 @@ from typing import Callable
 import numpy as np
 
 from ..client import LocalResult, LocalTrainingError, evaluate, train_local
-from ..devices import RoundTime, round_work
+from ..data import sample_batches
+from ..devices import RoundTime, Work, round_work
 from ..experiment import Experiment
 from ..methods.aggregation import DeviceUpdate
 from ..methods.base import (Assignment, Estimate, Estimator, LoraPlan, RoundView, Skip, StatusReport, UpdateRejected,
@@ -86,10 +93,12 @@ class DeviceResult:
 
 @dataclass(frozen=True)
 class DeviceFailure:
-    """A device that returned no usable update; `kind` goes into the round's events."""
+    """A device that returned no usable update; `kind` goes into the round's events ("rejected",
+    "dropped", ...), `time_s` is the virtual time at which the server learns of it (None: unknown)."""
     device: int
     kind: str
     detail: str
+    time_s: float | None = None
 
 
 @dataclass
@@ -132,8 +141,16 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
 
     A device with an assignment but no reply is recorded as dropped; the round completes
     with what arrived, and with no accepted update the method keeps the global adapter.
+
+    The server's clock: with `fleet.cutoff_s` set, a device whose reply (or failure) comes later
+    is cut off (event "cut-off", its work lost) and counts at the cutoff; every other device
+    counts at the time its reply or failure reached the server, accepted or not. The round lasts
+    until the last of these (the method's own clock instead, if it keeps one: it sees only the
+    accepted updates). Fault events carry that virtual time as `time_s`.
     """
     updates, reports, rows, events, losses = [], [], [], [], []
+    seen_at = []  # the virtual time at which the server heard from (or gave up on) each dispatched device
+    cutoff = exp.cfg.fleet.cutoff_s
     bytes_down = bytes_up = 0
     for dev in rp.devices:
         if dev in rp.skipped:
@@ -142,16 +159,26 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
         a = rp.assignments[dev]
         bytes_down += a.download_bytes  # the payload was sent whatever came back
         reply = replies.get(dev)
-        if reply is None:
-            events.append({"device": dev, "kind": "dropped", "detail": "no reply this round"})
+        if reply is None:  # the server waits until the cutoff, if there is one
+            events.append({"device": dev, "kind": "dropped", "detail": "no reply this round", "time_s": cutoff})
+            seen_at.extend([cutoff] if cutoff is not None else [])
             continue
+        t = reply.time_s if isinstance(reply, DeviceFailure) else reply.time.total_s
+        if cutoff is not None and t is not None and t > cutoff:
+            what = (f"it would have failed ({reply.kind}) at {t:.2f} s" if isinstance(reply, DeviceFailure)
+                    else f"its round would have taken {t:.2f} s")
+            events.append({"device": dev, "kind": "cut-off", "detail": f"not done by the cutoff ({cutoff:g} s): {what}",
+                           "time_s": cutoff})
+            seen_at.append(cutoff)
+            continue
+        seen_at.extend([t] if t is not None else [])
         if isinstance(reply, DeviceFailure):
-            events.append({"device": dev, "kind": reply.kind, "detail": reply.detail})
+            events.append({"device": dev, "kind": reply.kind, "detail": reply.detail, "time_s": t})
             continue
         try:
             check_update(reply.local.state, trained_part(a.payload, a.plan), a.plan)
         except UpdateRejected as err:
-            events.append({"device": dev, "kind": "rejected", "detail": str(err)})
+            events.append({"device": dev, "kind": "rejected", "detail": str(err), "time_s": t})
             continue
         reports.append(reply.report)
         updates.append(DeviceUpdate(dev, reply.local.state, reply.local.samples, reply.local.loss,
@@ -161,8 +188,9 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
         rows.append(device_row(a.plan, reply))
     events.extend(extra_events or [])
     agg = exp.method.aggregate(rp.round, global_state, updates)
-    # a synchronous round lasts as long as its slowest device; the others wait for it
-    round_time = agg.round_time_s if agg.round_time_s is not None else max((r["time_s"] for r in rows), default=0.0)
+    # a synchronous round lasts until the server has heard from (or cut off) every device; the
+    # devices that delivered wait for it
+    round_time = agg.round_time_s if agg.round_time_s is not None else max(seen_at, default=0.0)
     waits = agg.waiting_s if agg.waiting_s is not None else {r["id"]: round_time - r["time_s"] for r in rows}
     for r in rows:
         r["waiting_s"] = waits[r["id"]]
@@ -177,16 +205,41 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
 
 
 # ------------------------------------------------------------------ device side
+def device_rng(exp: Experiment, a: Dispatch) -> np.random.Generator:
+    """The device's own stream for a round (batches, torch's seed): engine-independent."""
+    return np.random.default_rng([exp.cfg.run.seed, 3, a.device, a.round])
+
+
+def planned_work(exp: Experiment, a: Dispatch) -> Work:
+    """The compute of the assignment's local training, without training: the batches `train_local`
+    draws from the device's stream (its first draw seeds torch, then `sample_batches`), no upload."""
+    data, rng = exp.device_data(a.device), device_rng(exp, a)
+    rng.integers(2**62)
+    lengths = [len(x) for x in data.ids]
+    shapes = [tuple(exp.task.batch(data, idx, exp.pad_id)["input_ids"].shape)
+              for idx in sample_batches(len(data), a.steps, min(exp.cfg.train.batch_size, len(data)), rng, lengths)]
+    return round_work(exp.spec, a.plan.ranks, shapes, a.download_bytes, 0)
+
+
 def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
-    """Local training of one assignment plus the fleet's cost model: virtual time and status report."""
+    """Local training of one assignment plus the fleet's cost model: virtual time and status report.
+
+    A device the fleet drops out this round does not train: it fails after downloading and a drawn
+    share of its compute (DeviceFailure "dropped" with that time). A device whose training fails
+    reports it when its planned compute would have ended."""
     cfg, dev = exp.cfg, a.device
-    rng = np.random.default_rng([cfg.run.seed, 3, dev, a.round])  # the device's own stream, engine-independent
+    share = exp.fleet.dropout(dev, a.round)
+    if share is not None:
+        rt = exp.fleet.time(dev, a.round, planned_work(exp, a))
+        return DeviceFailure(dev, "dropped", f"dropped out after {share:.0%} of its local compute, before upload",
+                             rt.download_s + share * (rt.forward_s + rt.backward_s))
     try:
         res = train_local(exp.host, exp.task, a.plan, a.payload, exp.device_data(dev), steps=a.steps,
-                          batch_size=cfg.train.batch_size, lr=a.lr, rng=rng, pad_id=exp.pad_id,
+                          batch_size=cfg.train.batch_size, lr=a.lr, rng=device_rng(exp, a), pad_id=exp.pad_id,
                           weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
     except LocalTrainingError as err:
-        return DeviceFailure(dev, "rejected", str(err))
+        rt = exp.fleet.time(dev, a.round, planned_work(exp, a))
+        return DeviceFailure(dev, "rejected", str(err), rt.download_s + rt.forward_s + rt.backward_s)
     # the server decided the wire size (a device's own method object holds no server state)
     rt = exp.fleet.time(dev, a.round, round_work(exp.spec, a.plan.ranks, res.batch_shapes, a.download_bytes,
                                                  state_bytes(res.state)))

@@ -5,7 +5,9 @@ Keys of the RecordDicts:
          node -> server: "update" ArrayRecord, "metrics" MetricRecord, "reply" ConfigRecord
   QUERY  server -> node: "query" ConfigRecord;  node -> server: "reply" ConfigRecord (device-id)
 A measured reply's "metrics" also carry STAMP_KEYS (timing.py); a simulated device's, the
-worker process it ran in ("worker-pid", "worker-builds").
+worker process it ran in ("worker-pid", "worker-builds"). A device that fails answers only a
+"reply" with status "failed", its "detail", "kind" (FAILURE_KINDS) and, if known, "time-s": the
+virtual time at which it failed (a drop-out's).
 
 Decoding never trusts a message: `content_to_assignment` and `content_to_result` raise
 MalformedMessage (a ValueError) for a missing or mistyped record or value, an array that does
@@ -38,6 +40,7 @@ PARTITION_ID_KEY = "partition-id"  # what Flower's simulation puts in each node'
 TIME_KEYS = ("download_s", "forward_s", "backward_s", "upload_s")
 REPORT_KEYS = ("fixed_s", "backward_per_layer_s", "upload_per_rank_s")
 STATUS_MODES = ("fleet", "measured")
+FAILURE_KINDS = ("rejected", "dropped")  # what a device may say of its own failure (anything else: rejected)
 STAMP_KEYS = ("recv-at", "done-at")  # a measured reply's wall-clock stamps (device clock, seconds since epoch)
 
 
@@ -164,8 +167,10 @@ def content_to_assignment(content: RecordDict) -> tuple[Dispatch, str]:
 def result_to_content(res: DeviceResult | DeviceFailure, round_: int, extra: dict | None = None) -> RecordDict:
     """A device's reply: its update and numbers, echoing its device id and the round."""
     if isinstance(res, DeviceFailure):
-        return RecordDict({"reply": ConfigRecord({DEVICE_ID_KEY: res.device, "round": round_, "status": "failed",
-                                                  "detail": res.detail})})
+        failed = {DEVICE_ID_KEY: res.device, "round": round_, "status": "failed", "detail": res.detail, "kind": res.kind}
+        if res.time_s is not None:  # the virtual time at which it failed (a drop-out's)
+            failed["time-s"] = float(res.time_s)
+        return RecordDict({"reply": ConfigRecord(failed)})
     metrics = {"samples": res.local.samples, "loss": float(res.local.loss),
                **{k: float(getattr(res.time, k)) for k in TIME_KEYS},
                **{k: float(getattr(res.report, k)) for k in REPORT_KEYS}, **(extra or {})}
@@ -192,7 +197,12 @@ def content_to_result(content: RecordDict, device: int, round_: int,
         raise MalformedMessage(f"reply is for round {reply['round']}, not {round_}")
     status = _get(reply, "status", str, "reply")
     if status == "failed":
-        return DeviceFailure(device, "rejected", str(reply.get("detail", "local training failed")))
+        kind = reply.get("kind", "rejected")
+        t = _get(reply, "time-s", (int, float), "reply") if "time-s" in reply else None
+        if t is not None and not (math.isfinite(t) and 0 <= t <= MAX_SECONDS):
+            raise MalformedMessage(f"reply's time-s = {t!r} is negative, not finite or beyond {MAX_SECONDS:g}")
+        return DeviceFailure(device, kind if kind in FAILURE_KINDS else "rejected",
+                             str(reply.get("detail", "local training failed")), None if t is None else float(t))
     if status != "ok":
         raise MalformedMessage(f"reply status {status!r} is neither 'ok' nor 'failed'")
     metrics = _record(content, "metrics", MetricRecord)
