@@ -380,7 +380,7 @@ def _check_decoded(fn, content, *args):
     if isinstance(out, tuple):   # content_to_assignment: a sane dispatch
         a, _ = out
         assert a.plan.ranks and all(r >= 1 for r in a.plan.ranks.values()) and a.steps >= 0
-        assert math.isfinite(a.lr) and a.lr > 0 and a.round >= 0
+        assert math.isfinite(a.lr) and a.lr >= 0 and a.round >= 0
         assert all(isinstance(v, torch.Tensor) for v in a.payload.values())
     elif isinstance(out, DeviceResult):
         nums = [out.local.samples, out.local.loss, out.time.total_s, out.report.fixed_s,

@@ -214,7 +214,11 @@ def check_update(update: AdapterState, sent: AdapterState, plan: LoraPlan | None
         raise UpdateRejected(f"keys differ from the assigned adapter (unexpected {extra[:3]}, missing {missing[:3]})")
     size, limit = state_bytes(update), max_update_bytes(sent)   # before any value is read
     if size > limit:
-        raise UpdateRejected(f"oversized: {size} bytes, but its plan allows at most {limit}")
+        big = next((k for k, t in update.items() if t.numel() * t.element_size() > sent[k].numel()
+                    * sent[k].element_size()), None)
+        why = (f" ({big}: shape {tuple(update[big].shape)} {update[big].dtype}, but {tuple(sent[big].shape)} "
+               f"{sent[big].dtype} was assigned)") if big else ""
+        raise UpdateRejected(f"oversized: {size} bytes, but its plan allows at most {limit}{why}")
     for k, t in update.items():
         if t.dtype != sent[k].dtype:
             raise UpdateRejected(f"{k}: dtype {t.dtype} but {sent[k].dtype} was sent")

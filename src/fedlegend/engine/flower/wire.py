@@ -156,8 +156,8 @@ def content_to_assignment(content: RecordDict) -> tuple[Dispatch, str]:
     payload = record_to_state(_record(content, "payload", ArrayRecord))
     down = _count(_get(plan, "download-bytes", int, "plan"), "plan's download-bytes") if "download-bytes" in plan else -1
     lr = float(_get(plan, "lr", (int, float), "plan"))
-    if not (math.isfinite(lr) and lr > 0):
-        raise MalformedMessage(f"plan's lr = {lr!r} is not a positive number")
+    if not (math.isfinite(lr) and lr >= 0):   # 0: the cosine schedule's end
+        raise MalformedMessage(f"plan's lr = {lr!r} is negative or not finite")
     a = Dispatch(_count(_get(plan, "round", int, "plan"), "plan's round"),
                  Assignment(lora, payload, state_bytes(payload) if down < 0 else down),
                  _count(_get(plan, "steps", int, "plan"), "plan's steps"), lr)
