@@ -128,5 +128,5 @@ def test_cli_bad_checkpoint_one_line(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path), "--resume", "--quiet", "--rounds", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fedlegend: error: ") and "checkpoint.json: not a readable checkpoint manifest" in err
-    assert err.endswith(f"delete {tmp_path / runner.CHECKPOINT} or rerun with --fresh-on-bad-checkpoint to start "
-                        "the run afresh")
+    assert err.endswith(f"delete {tmp_path / runner.CHECKPOINT} to start the run afresh (fedlegend run: or add "
+                        "--fresh-on-bad-checkpoint)")

@@ -76,7 +76,7 @@ def save_checkpoint(path: Path, cfg: Config, snap: Snapshot, wall_clock_s: float
 
 
 def _bad(path: Path, why: str) -> CheckpointError:
-    err = CheckpointError(f"{why}; delete {path} or rerun with {FRESH_FLAG} to start the run afresh")
+    err = CheckpointError(f"{why}; delete {path} to start the run afresh (fedlegend run: or add {FRESH_FLAG})")
     err.why = why
     return err
 
