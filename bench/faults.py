@@ -25,10 +25,11 @@ import numpy as np
 def run(name: str, over: dict, out: Path) -> dict:
     from fedlegend.config import build_config
     from fedlegend.results import read_records
-    from fedlegend.rundir import run_experiment
+    from fedlegend.rundir import finished_run, run_experiment
 
-    # resume: a finished run with the same config is read back, an interrupted one continues
-    summary = run_experiment(build_config({}, over), out / name, progress=False, resume=True)
+    # a finished run with the same config is read back, an interrupted one continues from its checkpoint
+    cfg = build_config({}, over)
+    summary = finished_run(out / name, cfg) or run_experiment(cfg, out / name, progress=False, resume=True)
     recs = read_records(out / name / "records.jsonl")
     kinds = [e["kind"] for r in recs for e in r["events"]]
     device_rounds = sum(len(r["devices"]) for r in recs) + sum(k in ("dropped", "cut-off", "rejected") for k in kinds)
