@@ -7,6 +7,7 @@ from typing import Iterable
 
 from flwr.app import Message
 
+from ...methods.base import max_update_bytes, trained_part
 from ..local import DeviceFailure, DeviceResult, RoundPlan
 from .flwr_compat import ErrorCode
 from .wire import MalformedMessage, content_to_result, reply_to_device_id
@@ -132,7 +133,9 @@ def collect_replies(replies: Iterable[Message], roster: Roster, rp: RoundPlan, s
             by_device[dev] = DeviceFailure(dev, kind, f"client error {msg.error.code}: {msg.error.reason}")
             continue
         try:
-            by_device[dev] = content_to_result(msg.content, dev, rp.round)
+            a = rp.assignments[dev]   # an update larger than the plan allows is refused before decoding
+            by_device[dev] = content_to_result(msg.content, dev, rp.round,
+                                               max_update_bytes(trained_part(a.payload, a.plan)))
             messages[dev] = msg
         except (MalformedMessage, ValueError, TypeError) as err:
             by_device[dev] = DeviceFailure(dev, "malformed", str(err))
