@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from fedlegend.assets import AssetError, TextDataset, package_file, resolve_dataset, resolve_model
+from fedlegend.assets import AssetError, package_file, resolve_model
+from fedlegend.datasets import TextDataset, resolve_dataset
 from fedlegend.data import DataError, label_histogram, partition, sample_batches, split_train_test
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from fedlegend import cli
-from fedlegend.assets import AssetError, _from_file, resolve_model
+from fedlegend.assets import AssetError, resolve_model
+from fedlegend.datasets import _from_file
 from fedlegend.config import ConfigError, build_config, load_config
 from fedlegend.data import DataError
 from fedlegend.errors import MethodNameError, ModelError, UserError

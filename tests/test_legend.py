@@ -220,7 +220,7 @@ def _zero_state(spec, ranks):
 @pytest.fixture(scope="module")
 def small_csv(tmp_path_factory):
     """200 real Rotten Tomatoes snippets: an epoch of a device is a few steps, so epoch mode trains fast."""
-    from fedlegend.assets import resolve_dataset
+    from fedlegend.datasets import resolve_dataset
 
     ds = resolve_dataset("rotten-tomatoes")
     path = tmp_path_factory.mktemp("data") / "small.csv"

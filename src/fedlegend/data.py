@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .assets import TextDataset
+from .datasets import TextDataset
 from .errors import UserError
 
 SPLIT_SEED = 20240601  # the test split is the same for every run seed, so runs compare on one test set

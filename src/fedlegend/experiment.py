@@ -1,8 +1,17 @@
-"""Config -> everything a round loop needs: data, partitions, fleet, model, host, task, method.
+"""Config -> everything a round loop needs, in two sides that a deployment keeps apart.
 
+Server side (`build_server`): fleet, base model, spec, host, task, method, the test set and the
+method's context, which it builds from the facts each device reports about its partition
+(`PartitionFacts`: sample count and label histogram, nothing else). Device side
+(`build_device`): the same base model and host, the fleet's cost model, and the device's own
+training data, however it got it (its own file in deployment, `device_data.py`).
+
+In-process engines (local loop, Flower simulation) use `build_experiment`: the registered
+dataset's split and seeded partitions give every device's data (`load_split`,
+`device_partitions`) and their facts; the same `build_server` then builds the server side.
 Each piece comes from its registry (models.MODELS, hosts.HOSTS, tasks.TASKS, methods.METHODS),
-so a new model family, adapter kind, task or method is added there, not here. Engines (local
-loop, Flower) take an Experiment; nothing here runs a round.
+so a new model family, adapter kind, task or method is added there, not here. Nothing here
+runs a round.
 """
 
 from __future__ import annotations
@@ -10,14 +19,16 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from .assets import resolve_dataset, resolve_model
+from .assets import ModelAsset, resolve_model
 from .client import local_steps_for
 from .config import Config
 from .data import Encoded, encode, label_histogram, partition, split_train_test
+from .datasets import resolve_dataset
 from .devices import Fleet
 from .hosts import AdapterHost, build_host
 from .methods import Method, MethodContext, make_method
@@ -27,27 +38,79 @@ from .spec import AdapterState, ModelSpec, inspect_model
 from .tasks import Task, build_task
 
 
+@dataclass(frozen=True)
+class PartitionFacts:
+    """What a device reports about its data, and all the server learns of it: the sample count
+    (its local steps per epoch) and the label histogram (what HierFedLoRA groups on)."""
+    samples: int
+    label_counts: tuple[int, ...]
+
+
+def facts_of(data: Encoded, num_labels: int) -> PartitionFacts:
+    return PartitionFacts(len(data), tuple(label_histogram(data.labels, num_labels)))
+
+
 @dataclass
 class Experiment:
+    """The server side of a run; in-process engines also hold every device's data (`train`, `parts`)."""
     cfg: Config
     spec: ModelSpec
     host: AdapterHost
     task: Task
     method: Method
     fleet: Fleet
-    train: Encoded
     test: Encoded
-    parts: list[np.ndarray]
     label_names: list[str]
     pad_id: int
     initial_state: AdapterState
     steps: list[int]   # each device's optimizer steps per round
+    facts: list[PartitionFacts]
+    train: Encoded | None = None            # in-process only: every device's training examples
+    parts: list[np.ndarray] | None = None   # in-process only: each device's indices into `train`
 
     def device_data(self, device: int) -> Encoded:
+        if self.train is None or self.parts is None:
+            raise RuntimeError("this experiment holds no device's data (a deployed server); devices train on their own")
         return self.train.subset(self.parts[device])
 
     def label_histograms(self) -> list[list[int]]:
-        return [label_histogram(self.train.labels[p], len(self.label_names)) for p in self.parts]
+        return [list(f.label_counts) for f in self.facts]
+
+
+@dataclass
+class DeviceExperiment:
+    """One device's side: the base model with the method's host, the task, the fleet's cost model
+    and its own training data. Duck-types Experiment where engine.local.run_device reads it."""
+    cfg: Config
+    device: int
+    spec: ModelSpec
+    host: AdapterHost
+    task: Task
+    fleet: Fleet
+    data: Encoded
+    label_names: list[str]
+    pad_id: int
+
+    def device_data(self, device: int) -> Encoded:
+        if device != self.device:
+            raise ValueError(f"this is device {self.device}; it holds no data of device {device}")
+        return self.data
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where both sides load the base model and tokenizer from."""
+    asset: ModelAsset
+    tokenizer: Any
+    pad_id: int
+
+
+@dataclass
+class SplitData:
+    """The registered dataset (or data.name = 'file') of the config: fixed split, tokenized."""
+    label_names: list[str]
+    train: Encoded
+    test: Encoded
 
 
 def seed_everything(seed: int) -> None:
@@ -56,8 +119,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_experiment(cfg: Config) -> Experiment:
-    from transformers import AutoTokenizer
+def quiet_libraries(cfg: Config) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected
@@ -66,38 +128,112 @@ def build_experiment(cfg: Config) -> Experiment:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    seed = cfg.run.seed
+
+
+def load_model_source(cfg: Config) -> ModelSource:
+    from transformers import AutoTokenizer
+
+    quiet_libraries(cfg)
     asset = resolve_model(cfg.model.name, cfg.model.path, cfg.model.target_modules)
-    ds = resolve_dataset(cfg.data.name, cfg.data.path, cfg.data.text_column, cfg.data.label_column)
     tokenizer = AutoTokenizer.from_pretrained(asset.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return ModelSource(asset, tokenizer, pad_id)
+
+
+def load_split(cfg: Config, source: ModelSource) -> SplitData:
+    """cfg.data's examples, split (fixed seed) and tokenized; the test part cut to data.eval_subset."""
+    ds = resolve_dataset(cfg.data.name, cfg.data.path, cfg.data.text_column, cfg.data.label_column)
+    tok, n = source.tokenizer, cfg.data.max_length
     train_idx, test_idx = split_train_test(ds, cfg.data.test_size)
-    train = encode(tokenizer, [ds.texts[i] for i in train_idx], [ds.labels[i] for i in train_idx], cfg.data.max_length)
-    test = encode(tokenizer, [ds.texts[i] for i in test_idx], [ds.labels[i] for i in test_idx], cfg.data.max_length)
+    train = encode(tok, [ds.texts[i] for i in train_idx], [ds.labels[i] for i in train_idx], n)
+    test = encode(tok, [ds.texts[i] for i in test_idx], [ds.labels[i] for i in test_idx], n)
     if cfg.data.eval_subset:
         test = test.subset(range(min(cfg.data.eval_subset, len(test))))
-    parts = partition(train.labels, cfg.fleet.devices, cfg.partition.kind, cfg.partition.alpha, seed,
-                      min_size=cfg.train.batch_size)
-    fleet = Fleet(cfg.fleet.devices, seed, cfg.fleet.mode_change_every, cfg.fleet.bandwidth_min_mbps,
-                  cfg.fleet.bandwidth_max_mbps, cfg.fleet.downlink_factor, cfg.fleet.dropout_rate)
+    return SplitData(ds.label_names, train, test)
 
-    seed_everything(seed)  # fixes the head's and the LoRA tensors' initialisation
-    model = build_model(asset.kind, asset.path, num_labels=len(ds.label_names), dropout=cfg.model.dropout)
-    spec = inspect_model(model, asset.target_modules)
-    lengths = np.array([len(x) for x in train.ids])
-    steps = [local_steps_for(len(p), cfg.train.batch_size, cfg.train.local_steps, cfg.train.local_epochs)
-             for p in parts]
-    ctx = MethodContext(spec=spec, num_devices=cfg.fleet.devices, local_steps=tuple(steps),
-                        batch_size=cfg.train.batch_size, nominal_width=int(np.percentile(lengths, 90)), seed=seed,
-                        alpha_over_rank=cfg.model.lora_alpha_over_rank,
-                        label_counts=tuple(tuple(h) for h in
-                                           (label_histogram(train.labels[p], len(ds.label_names)) for p in parts)))
-    method = make_method(cfg.method.name, ctx, cfg.method.model_dump())
-    host = build_host(method.info.host, model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank,
+
+def device_partitions(cfg: Config, train: Encoded, num_devices: int | None = None,
+                      seed: int | None = None) -> list[np.ndarray]:
+    """The seeded partitions of `train` (partition.kind / alpha), one per device."""
+    return partition(train.labels, num_devices or cfg.fleet.devices, cfg.partition.kind, cfg.partition.alpha,
+                     cfg.run.seed if seed is None else seed, min_size=cfg.train.batch_size)
+
+
+def make_fleet(cfg: Config) -> Fleet:
+    f = cfg.fleet
+    return Fleet(f.devices, cfg.run.seed, f.mode_change_every, f.bandwidth_min_mbps, f.bandwidth_max_mbps,
+                 f.downlink_factor, f.dropout_rate)
+
+
+def load_base_model(cfg: Config, source: ModelSource, num_labels: int) -> tuple[torch.nn.Module, ModelSpec]:
+    seed_everything(cfg.run.seed)  # fixes the head's and the LoRA tensors' initialisation
+    model = build_model(source.asset.kind, source.asset.path, num_labels=num_labels, dropout=cfg.model.dropout)
+    return model, inspect_model(model, source.asset.target_modules)
+
+
+def steps_per_device(cfg: Config, facts: list[PartitionFacts]) -> list[int]:
+    return [local_steps_for(f.samples, cfg.train.batch_size, cfg.train.local_steps, cfg.train.local_epochs)
+            for f in facts]
+
+
+def method_context(cfg: Config, spec: ModelSpec, facts: list[PartitionFacts], nominal_width: int) -> MethodContext:
+    """The facts a method plans with: each device's steps and label counts, from its reported partition."""
+    return MethodContext(spec=spec, num_devices=cfg.fleet.devices, local_steps=tuple(steps_per_device(cfg, facts)),
+                         batch_size=cfg.train.batch_size, nominal_width=nominal_width, seed=cfg.run.seed,
+                         alpha_over_rank=cfg.model.lora_alpha_over_rank,
+                         label_counts=tuple(f.label_counts for f in facts))
+
+
+def attach_host(cfg: Config, method: Method, model: torch.nn.Module, spec: ModelSpec) -> AdapterHost:
+    return build_host(method.info.host, model, spec, method.global_ranks(), cfg.model.lora_alpha_over_rank,
                       cfg.model.lora_dropout)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def nominal_width_of(data: Encoded) -> int:
+    """Typical padded sequence length for FLOP budgets: the 90th percentile of token counts."""
+    return int(np.percentile([len(x) for x in data.ids], 90))
+
+
+def build_server(cfg: Config, source: ModelSource, facts: list[PartitionFacts], test: Encoded,
+                 label_names: list[str], nominal_width: int) -> Experiment:
+    """The server side from what it holds (model, test set) and what devices reported (`facts`)."""
+    if len(facts) != cfg.fleet.devices:
+        raise ValueError(f"{len(facts)} partition reports for a fleet of {cfg.fleet.devices} devices")
+    fleet = make_fleet(cfg)
+    model, spec = load_base_model(cfg, source, len(label_names))
+    method = make_method(cfg.method.name, method_context(cfg, spec, facts, nominal_width), cfg.method.model_dump())
+    host = attach_host(cfg, method, model, spec)
     initial = host.read(host.GLOBAL)
     if method.info.residual:   # FLoRA, FedEx-LoRA: the frozen weights' residuals start at zero
         initial = with_zero_residuals(initial)
     # host.spec: the bottleneck host's spec describes its adapter sites, so the cost model prices adapters
-    return Experiment(cfg, host.spec, host, build_task("classification"), method, fleet, train, test, parts,
-                      ds.label_names, pad_id, initial, steps)
+    return Experiment(cfg, host.spec, host, build_task("classification"), method, fleet, test, label_names,
+                      source.pad_id, initial, steps_per_device(cfg, facts), list(facts))
+
+
+def build_experiment(cfg: Config) -> Experiment:
+    """In-process (local loop, Flower simulation): the server side plus every device's data."""
+    source = load_model_source(cfg)
+    split = load_split(cfg, source)
+    parts = device_partitions(cfg, split.train)
+    facts = [facts_of(split.train.subset(p), len(split.label_names)) for p in parts]
+    exp = build_server(cfg, source, facts, split.test, split.label_names, nominal_width_of(split.train))
+    exp.train, exp.parts = split.train, parts
+    return exp
+
+
+def build_device(cfg: Config, device: int, source: ModelSource, data: Encoded, label_names: list[str]) -> DeviceExperiment:
+    """One device's side: the base model and host as the server builds them, and its own `data`.
+
+    The host needs the method's kind and global layout only, which depend on the config, not on
+    the other devices' facts: the method here is built with placeholder facts and then dropped."""
+    if not 0 <= device < cfg.fleet.devices:
+        raise ValueError(f"device {device} is not in the fleet of {cfg.fleet.devices} devices (0..{cfg.fleet.devices - 1})")
+    fleet = make_fleet(cfg)
+    model, spec = load_base_model(cfg, source, len(label_names))
+    placeholder = [PartitionFacts(len(data), (0,) * len(label_names))] * cfg.fleet.devices
+    method = make_method(cfg.method.name, method_context(cfg, spec, placeholder, cfg.data.max_length),
+                         cfg.method.model_dump())
+    host = attach_host(cfg, method, model, spec)
+    return DeviceExperiment(cfg, device, host.spec, host, build_task("classification"), fleet, data, label_names,
+                            source.pad_id)
