@@ -36,6 +36,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="rotten-tomatoes (default) or file (with --data-path)")
     p.add_argument("--data-path", help="a CSV or JSONL file with text and label columns")
     p.add_argument("--engine", choices=["local", "flower"], help="local loop (default) or Flower's simulation engine")
+    p.add_argument("--device", help="auto (default: the first CUDA GPU when one is visible, else the CPU), cpu, "
+                   "cuda or cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast (CUDA GPUs only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -46,7 +49,7 @@ def _overrides(a: argparse.Namespace) -> dict:
         "run.eval_every": a.eval_every, "run.target_accuracy": a.target, "partition.alpha": a.alpha,
         "partition.kind": "iid" if a.iid else None, "model.name": a.model, "model.path": a.model_path,
         "data.name": a.data, "data.path": a.data_path, "method.name": getattr(a, "method", None),
-        "run.engine": a.engine,
+        "run.engine": a.engine, "run.device": a.device, "run.precision": a.precision,
     }
 
 

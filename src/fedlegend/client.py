@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .data import Encoded, sample_batches
+from .execution import autocast, model_device, to_device
 from .hosts import AdapterHost
 from .methods.base import LoraPlan, trained_part
 from .spec import AdapterState
@@ -37,8 +38,10 @@ def local_steps_for(n_examples: int, batch_size: int, local_steps: int, local_ep
 
 def train_local(host: AdapterHost, task: Task, plan: LoraPlan, payload: AdapterState, data: Encoded, *,
                 steps: int, batch_size: int, lr: float, rng: np.random.Generator, pad_id: int,
-                weight_decay: float = 0.0, max_grad_norm: float = 1.0) -> LocalResult:
-    """AdamW on the plan's adapter tensors and the head (eq. 7), starting from the payload."""
+                weight_decay: float = 0.0, max_grad_norm: float = 1.0, precision: str = "fp32") -> LocalResult:
+    """AdamW on the plan's adapter tensors and the head (eq. 7), starting from the payload.
+
+    Runs where the host's model lives; `precision` "bf16" autocasts forward and loss (execution.py)."""
     # Dropout draws from torch's generator: seed it from the device's own stream, so a device's
     # round is a pure function of its inputs whatever ran before it (or in which process).
     torch.manual_seed(int(rng.integers(2**62)))
@@ -51,11 +54,13 @@ def train_local(host: AdapterHost, task: Task, plan: LoraPlan, payload: AdapterS
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model = host.model
     model.train()
+    device = model_device(model)
     losses, shapes, seen = [], [], 0
     lengths = [len(x) for x in data.ids]
     for idx in sample_batches(len(data), steps, min(batch_size, len(data)), rng, lengths):
-        batch = task.batch(data, idx, pad_id)
-        loss = task.loss(model, batch)
+        batch = to_device(task.batch(data, idx, pad_id), device)
+        with autocast(device, precision):
+            loss = task.loss(model, batch)
         if not torch.isfinite(loss):
             raise LocalTrainingError(f"device {plan.device}: loss became {loss.item()} at step {len(losses) + 1}")
         opt.zero_grad(set_to_none=True)
@@ -71,10 +76,11 @@ def train_local(host: AdapterHost, task: Task, plan: LoraPlan, payload: AdapterS
 
 @torch.no_grad()
 def evaluate(host: AdapterHost, task: Task, state: AdapterState, data: Encoded, batch_size: int,
-             pad_id: int) -> Score:
-    """The task's score of the global adapter on `data`."""
+             pad_id: int, precision: str = "fp32") -> Score:
+    """The task's score of the global adapter on `data` (the task moves its batches to the model's device)."""
     name = host.use(host.global_ranks)
     host.load(name, state)
     model = host.model
     model.eval()
-    return task.score(model, data, batch_size, pad_id)
+    with autocast(model_device(model), precision):
+        return task.score(model, data, batch_size, pad_id)

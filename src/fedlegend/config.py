@@ -6,6 +6,7 @@ typo or an out-of-range value fails with a message naming the field and the fix.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .execution import DEVICE_PATTERN
 from .methods import check_method, method_list
 
 
@@ -168,6 +170,33 @@ class RunConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
     engine: Literal["local", "flower"] = Field("local", description="local: in-process loop; flower: Flower's "
                                                "simulation engine, one SuperNode per device (same records)")
+    device: str = Field("auto",
+                        description="where the model trains and evaluates: auto (the first CUDA GPU when one is "
+                                    "visible, else the CPU), cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (CUDA GPUs only; "
+                                               "weights and optimizer stay fp32)")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        if not re.match(DEVICE_PATTERN, name):
+            raise ValueError("use 'auto', 'cpu', 'cuda' or 'cuda:N' (N = a GPU index)")
+        return name
+
+
+class PrivacyConfig(_Section):
+    epsilon: float | None = Field(None, gt=0, description="differential privacy: the target epsilon over the run "
+                                  "(user-level, every round counted); sets the noise multiplier, or with "
+                                  "noise_multiplier set stops the run when spent; null with no noise_multiplier: no DP")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of (epsilon, delta); keep it well below 1 / devices")
+    clip: float = Field(1.0, gt=0, description="C: each device's whole update (trained minus received, every "
+                        "tensor as one vector) is clipped to this L2 norm; the noise is calibrated to it")
+    noise_multiplier: float | None = Field(None, gt=0, description="sigma: noise std = sigma * sensitivity; null: "
+                                           "calibrated from epsilon over run.rounds")
+    mode: Literal["central", "local"] = Field("central", description="central: the server adds noise to each "
+                                              "aggregate; local: each device noises its own clipped update")
+    seeded_noise: bool = Field(True, description="draw the noise from run.seed (reproducible experiments); "
+                               "false: from the OS's secret source (a deployment: seeded noise protects nothing)")
 
 
 class Config(_Section):
@@ -178,6 +207,24 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @model_validator(mode="after")
+    def _privacy_fits_method(self) -> "Config":
+        """DP only where the method's aggregation is a sum (privacy/support.py says why not)."""
+        p = self.privacy
+        if p.epsilon is None and p.noise_multiplier is None:
+            return self
+        from .methods import METHODS
+        from .privacy.support import refusal
+        params = getattr(self.method, METHODS[self.method.name].section, None)
+        why = refusal(self.method.name, params.model_dump() if isinstance(params, BaseModel) else {})
+        if why:
+            raise ValueError(f"privacy: {why}")
+        if p.epsilon is not None and p.noise_multiplier is not None and self.run.engine != "local":
+            raise ValueError("privacy: a fixed noise_multiplier with a target epsilon stops the run early, which "
+                             "only the local engine does; drop privacy.noise_multiplier (calibrated from epsilon)")
+        return self
 
 
 def _format_error(err: ValidationError, source: str) -> str:

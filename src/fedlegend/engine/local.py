@@ -236,7 +236,8 @@ def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
     try:
         res = train_local(exp.host, exp.task, a.plan, a.payload, exp.device_data(dev), steps=a.steps,
                           batch_size=cfg.train.batch_size, lr=a.lr, rng=device_rng(exp, a), pad_id=exp.pad_id,
-                          weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
+                          weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
+                          precision=cfg.run.precision)
     except LocalTrainingError as err:
         rt = exp.fleet.time(dev, a.round, planned_work(exp, a))
         return DeviceFailure(dev, "rejected", str(err), rt.download_s + rt.forward_s + rt.backward_s)
@@ -252,7 +253,8 @@ def record_round(exp: Experiment, round_: int, clock: float, state: AdapterState
     cfg = exp.cfg
     rec = {"round": round_, "virtual_time_s": clock, "accuracy": None, "loss": None, **out.record}
     if round_ % cfg.run.eval_every == 0 or round_ == cfg.run.rounds:
-        score = evaluate(exp.host, exp.task, state, exp.test, cfg.train.eval_batch_size, exp.pad_id)
+        score = evaluate(exp.host, exp.task, state, exp.test, cfg.train.eval_batch_size, exp.pad_id,
+                         precision=cfg.run.precision)
         rec["accuracy"], rec["loss"] = score.accuracy, score.loss
     return rec
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..execution import to_cpu
 from ..spec import AdapterState, ModelSpec, Ranks, layout_signature
 
 
@@ -100,6 +101,12 @@ class AdapterHost(ABC):
         """Names of the layouts held now, least recently used first."""
         return list(self._layouts.values())
 
+    def frozen_version(self, below: int) -> tuple:
+        """What identifies the frozen weights of layers < `below` (part of the prefix cache's key,
+        fedlegend.prefix_cache): here they never change, so nothing. A host that changes them
+        (LoraHost's folded residuals) names the change."""
+        return ()
+
     # ---------------------------------------------------------------- state in and out
     def params(self, name: str) -> dict[str, torch.nn.Parameter]:
         return self._params[name]
@@ -118,4 +125,5 @@ class AdapterHost(ABC):
 
     @torch.no_grad()
     def read(self, name: str) -> AdapterState:
-        return {k: p.detach().clone() for k, p in self._params[name].items()}
+        """The layout's tensors as a canonical state: CPU copies wherever the model runs (execution.py)."""
+        return to_cpu(self._params[name])
