@@ -19,7 +19,9 @@ USER_ERRORS = (UserError, FileExistsError)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file with any of the knobs (see configs/default.toml)")
+    p.add_argument("--config", help="TOML file with any of the knobs (see configs/default.toml); on top of --preset")
+    p.add_argument("--preset", help="a named setting, configs/NAME.toml, as the base (default, trec, vitaminc, "
+                   "mmlu, math, paper); --config and flags override it")
     p.add_argument("--seed", type=int, help="fixes partitions, fleet, sampling and initialisation")
     p.add_argument("--devices", type=int, help="fleet size (the paper: 80)")
     p.add_argument("--rounds", type=int)
@@ -57,7 +59,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .results import format_summary
     from .rundir import run_experiment
 
-    cfg = load_config(a.config, _overrides(a))
+    cfg = load_config(a.config, _overrides(a), preset=a.preset)
     out = a.out or f"runs/{cfg.method.name}-seed{cfg.run.seed}"
     print(f"fedlegend run: {cfg.method.name} on {cfg.model.name} / {cfg.data.name}, {cfg.fleet.devices} devices, "
           f"{cfg.run.rounds} rounds, {cfg.run.engine} engine -> {out}", file=sys.stderr)
@@ -77,7 +79,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
         raise UserError(f"--seeds {a.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
-    cfg = load_config(a.config, _overrides(a))
+    cfg = load_config(a.config, _overrides(a), preset=a.preset)
     print(f"fedlegend compare: {', '.join(methods)} x seeds {seeds} -> {a.out}", file=sys.stderr)
     run_compare(cfg, methods, seeds, a.out, target=a.target, progress=not a.quiet, resume=a.resume)
     print(f"outputs in {a.out}/: summary.csv table.md fig7/8/11/12(/13) PNGs, one folder per run")

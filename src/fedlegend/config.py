@@ -40,9 +40,12 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: str = Field("rotten-tomatoes", description="registered dataset (rotten-tomatoes) or 'file'")
-    path: str | None = Field(None, description="a CSV or JSONL file when name = 'file'")
+    name: str = Field("rotten-tomatoes", description="registered dataset (rotten-tomatoes, trec, vitaminc) or 'file'")
+    path: str | None = Field(None, description="a CSV or JSONL file when name = 'file' (vitaminc: optional, "
+                             "BIG-bench's bigbench-1.0.0.tar.gz or its vitaminc task.json)")
     text_column: str = "text"
+    text_pair_column: str | None = Field(None, description="a file's second text column: classify text pairs "
+                                         "(e.g. premise/hypothesis); unset: single texts")
     label_column: str = "label"
     test_size: int = Field(1500, ge=10, description="held-out test examples (fixed seeded split)")
     max_length: int = Field(64, ge=8, le=512)
@@ -261,17 +264,55 @@ def build_config(data: dict[str, Any] | None = None, overrides: dict[str, Any] |
         raise ConfigError(_format_error(err, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+# Presets are the TOML files of the source checkout's configs/ folder: `--preset trec` is configs/trec.toml.
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def preset_names(folder: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.toml"))
+
+
+def preset_path(name: str, folder: Path = PRESETS_DIR) -> Path:
+    """configs/NAME.toml; an unknown name lists the presets there are."""
+    names = preset_names(folder)
+    if not names:
+        raise ConfigError(f"no presets: {folder} holds no .toml files (presets ship with the source checkout); "
+                          "pass a config file with --config instead")
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(names)} (files in {folder})")
+    return folder / f"{name}.toml"
+
+
+def _read_toml(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (pass an existing TOML file to --config)")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p}: not valid TOML: {err}") from None
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, section by section (a key in `over` wins; sections merge)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                preset: str | None = None) -> Config:
+    """The config of a preset (configs/NAME.toml), then a config file on top, then the overrides (flags)."""
     data: dict[str, Any] = {}
+    sources = []
+    if preset is not None:
+        pp = preset_path(preset)
+        data = _read_toml(pp)
+        sources.append(f"preset {preset}: {pp}")
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (pass an existing TOML file to --config)")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{p}: not valid TOML: {err}") from None
-    return build_config(data, overrides, source=str(path or "defaults"))
+        data = _merged(data, _read_toml(Path(path)))
+        sources.append(str(path))
+    return build_config(data, overrides, source=" + ".join(sources) or "defaults")
 
 
 def dump_config(cfg: Config) -> str:

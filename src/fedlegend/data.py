@@ -22,12 +22,15 @@ class Encoded:
     """Token ids (unpadded) and labels of one split."""
     ids: list[list[int]]
     labels: np.ndarray
+    type_ids: list[list[int]] | None = None   # token type ids of text pairs (BERT's segments); None: single texts
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx) -> "Encoded":
-        return Encoded([self.ids[i] for i in idx], self.labels[np.asarray(idx, dtype=int)])
+        idx = np.asarray(idx, dtype=int)
+        return Encoded([self.ids[i] for i in idx], self.labels[idx],
+                       type_ids=None if self.type_ids is None else [self.type_ids[i] for i in idx])
 
 
 def split_train_test(ds: TextDataset, test_size: int) -> tuple[list[int], list[int]]:
@@ -39,12 +42,18 @@ def split_train_test(ds: TextDataset, test_size: int) -> tuple[list[int], list[i
     return sorted(perm[test_size:].tolist()), sorted(perm[:test_size].tolist())
 
 
-def encode(tokenizer, texts: list[str], labels: list[int], max_length: int) -> Encoded:
-    out = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
-    return Encoded(list(out["input_ids"]), np.asarray(labels, dtype=np.int64))
+def encode(tokenizer, texts: list[str], labels: list[int], max_length: int,
+           pairs: list[str] | None = None) -> Encoded:
+    """Token ids of single texts, or of text pairs (the tokenizer's pair encoding: [CLS] a [SEP] b [SEP]
+    for BERT, <s> a </s></s> b </s> for MPNet); a pair over max_length loses tokens from its longer side."""
+    out = tokenizer(texts, pairs, truncation="longest_first" if pairs is not None else True,
+                    max_length=max_length, add_special_tokens=True)
+    type_ids = list(out["token_type_ids"]) if pairs is not None and "token_type_ids" in out else None
+    return Encoded(list(out["input_ids"]), np.asarray(labels, dtype=np.int64), type_ids=type_ids)
 
 
-def collate(ids: list[list[int]], labels: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+def collate(ids: list[list[int]], labels: np.ndarray, pad_id: int,
+            type_ids: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Pad to the longest sequence of this batch (dynamic padding keeps short snippets cheap)."""
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
@@ -52,7 +61,12 @@ def collate(ids: list[list[int]], labels: np.ndarray, pad_id: int) -> dict[str, 
     for i, x in enumerate(ids):
         input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         mask[i, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.as_tensor(labels, dtype=torch.long)}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": torch.as_tensor(labels, dtype=torch.long)}
+    if type_ids is not None:   # text pairs: padding is segment 0, as the tokenizer pads
+        batch["token_type_ids"] = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(type_ids):
+            batch["token_type_ids"][i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return batch
 
 
 def eval_batches(data: Encoded, batch_size: int, pad_id: int):
@@ -60,7 +74,8 @@ def eval_batches(data: Encoded, batch_size: int, pad_id: int):
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        yield collate([data.ids[i] for i in idx], data.labels[idx], pad_id)
+        yield collate([data.ids[i] for i in idx], data.labels[idx], pad_id,
+                      None if data.type_ids is None else [data.type_ids[i] for i in idx])
 
 
 def partition(labels: np.ndarray, num_devices: int, kind: str, alpha: float, seed: int,
