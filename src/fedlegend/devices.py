@@ -152,29 +152,52 @@ class Fleet:
 
 
 # ------------------------------------------------------------- cost model (FLOPs)
-def layer_forward_flops(spec: ModelSpec, batch: int, width: int) -> float:
-    """Forward FLOPs of one frozen transformer layer: projections, FFN, attention scores and mix."""
+def block_macs(spec: ModelSpec) -> int:
+    """Multiply-accumulates per token of one transformer block's projections. Decoders carry the
+    count read off the model (q/k/v/o with grouped-query attention's narrower k and v, and the
+    MLP's gate, up and down projections); encoders use 4 h^2 (q, k, v, o) + 2 h i (the FFN)."""
     h, i = spec.hidden, spec.intermediate
+    return spec.block_macs or 4 * h * h + 2 * h * i
+
+
+def layer_forward_flops(spec: ModelSpec, batch: int, width: int) -> float:
+    """Forward FLOPs of one frozen transformer layer: projections, FFN, attention scores and mix.
+
+    Scores (Q K^T) and mix (P V) cost 2 * width^2 * (heads x head_dim) FLOPs each per sequence; a
+    decoder's causal mask is not subtracted (PyTorch's attention kernels compute the full square)."""
     tokens = batch * width
-    return 2.0 * tokens * (4 * h * h + 2 * h * i) + 4.0 * batch * width * width * h
+    return 2.0 * tokens * block_macs(spec) + 4.0 * batch * width * width * (spec.attn_width or spec.hidden)
 
 
 def lora_forward_flops(spec: ModelSpec, layer: int, rank: int, batch: int, width: int) -> float:
     return 2.0 * batch * width * rank * spec.lora_params_per_rank(layer)
 
 
+def output_flops(spec: ModelSpec, batch: int, width: int) -> float:
+    """Forward FLOPs of the layer above the blocks: a decoder's frozen projection onto the vocabulary
+    (every position's logits), an encoder's task head (once per pooled sequence)."""
+    if spec.vocab:
+        return 2.0 * batch * width * spec.hidden * spec.vocab
+    return 2.0 * batch * spec.head_params()
+
+
 def step_work_flops(spec: ModelSpec, ranks: Ranks, trained: set[int], batch: int, width: int) -> tuple[float, float]:
     """(forward, backward) FLOPs of one training step.
 
-    Forward runs through all L layers (plus the LoRA of every layer that has one).
-    Backward runs only from the head down to the lowest trained layer: gradients w.r.t.
-    activations cost about one forward of each frozen layer, LoRA weights about two.
+    Forward runs through all L layers (plus the LoRA of every layer that has one) and the output layer.
+    Backward runs only from the output down to the lowest trained layer: gradients w.r.t.
+    activations cost about one forward of each frozen layer, LoRA weights about two. A trained
+    head (encoders) costs two forwards (its weights' and its input's gradients); a decoder's frozen
+    lm_head one (its input's gradient), and none when nothing below it trains.
     """
-    head = 2.0 * batch * spec.head_params()
+    head = output_flops(spec, batch, width)
     fwd = head + sum(layer_forward_flops(spec, batch, width) for _ in range(spec.num_layers))
     fwd += sum(lora_forward_flops(spec, l, r, batch, width) for l, r in ranks.items())
     lowest = min(trained) if trained else spec.num_layers
-    bwd = 2.0 * head
+    if spec.vocab:
+        bwd = head if lowest < spec.num_layers else 0.0
+    else:
+        bwd = 2.0 * head
     for l in range(lowest, spec.num_layers):
         bwd += layer_forward_flops(spec, batch, width)
         if l in ranks:

@@ -2,7 +2,8 @@
 
 Canonical adapter state (one layout for every method, host and engine): a flat dict
     "layers.{l}.{module}.lora_A" -> (r_l, d_in)     "layers.{l}.{module}.lora_B" -> (d_out, r_l)
-    "head.{param}"               -> the task head's tensors (trained and aggregated too)
+    "head.{param}"               -> the task head's tensors (trained and aggregated too); a decoder
+                                    (causal LM) has none: its output layer (lm_head) stays frozen
 with `module` the path inside transformer layer l (e.g. "attention.self.query"). A and B are
 oriented as peft stores them for nn.Linear, so the update is B @ A (d_out x d_in).
 Methods that fold updates into the frozen weight (FLoRA, FedEx-LoRA) add
@@ -24,8 +25,9 @@ AdapterState = dict[str, torch.Tensor]
 Ranks = dict[int, int]  # transformer layer index -> LoRA rank (or adapter width)
 
 RESIDUAL = "residual"
-# a module inside a numbered transformer layer: "<prefix>.layer(s).<idx>.<suffix>"
-LAYER_RE = re.compile(r"^(?P<prefix>.*\.layers?)\.(?P<idx>\d+)\.(?P<suffix>.+)$")
+# a module inside a numbered transformer layer: "<prefix>.layer(s).<idx>.<suffix>" (BERT, MPNet, Llama,
+# Qwen, GPT-NeoX), "<prefix>.h.<idx>.<suffix>" (Falcon, BLOOM) or "<prefix>.blocks.<idx>.<suffix>"
+LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers?|h|blocks))\.(?P<idx>\d+)\.(?P<suffix>.+)$")
 HEAD_CANDIDATES = ("classifier", "score")
 
 
@@ -64,7 +66,14 @@ class LoraTarget:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the methods, the cost model and the engine need to know of a model."""
+    """What the methods, the cost model and the engine need to know of a model.
+
+    Encoders carry a trained task head (`head_module`, `head_shapes`); decoders (kind "decoder",
+    causal LMs) carry none: head_module is "" and their output layer over the `vocab` is frozen.
+    The cost model prices a block by `block_macs` (multiply-accumulates per token of the block's
+    Linear layers, read off the model: grouped-query attention and gated MLPs priced as they are)
+    and its attention by `attn_width` (heads x head_dim); 0 means the encoder formula (4h^2 + 2hi, h).
+    """
     num_layers: int
     hidden: int
     intermediate: int
@@ -72,6 +81,14 @@ class ModelSpec:
     head_module: str
     head_shapes: dict[str, tuple[int, ...]] = field(hash=False)
     num_labels: int = 2
+    kind: str = "encoder"
+    block_macs: int = 0
+    attn_width: int = 0
+    vocab: int = 0          # output layer (lm_head) size of a decoder: per token hidden x vocab MACs
+
+    @property
+    def has_head(self) -> bool:
+        return bool(self.head_module)
 
     def targets_of(self, layer: int) -> list[LoraTarget]:
         return [t for t in self.targets if t.layer == layer]
@@ -90,28 +107,56 @@ class ModelSpec:
         return n
 
 
-def inspect_model(model: torch.nn.Module, target_modules: tuple[str, ...]) -> ModelSpec:
-    """Find the LoRA targets (per transformer layer) and the task head of a model."""
-    cfg = model.config
-    targets = []
+def _layer_linears(model: torch.nn.Module) -> dict[int, list[tuple[str, str, torch.nn.Linear]]]:
+    """Layer -> [(full name, path inside the layer, Linear)] of every Linear in a numbered transformer
+    layer (peft's own LoRA Linears left out, so an adapted model prices the same as its base)."""
+    out: dict[int, list[tuple[str, str, torch.nn.Linear]]] = {}
     for name, mod in model.named_modules():
         m = LAYER_RE.match(name)
-        if not m or not isinstance(mod, torch.nn.Linear):
-            continue
-        if name.rsplit(".", 1)[-1] in target_modules:
-            targets.append(LoraTarget(int(m["idx"]), m["suffix"], name, mod.in_features, mod.out_features))
+        if m and isinstance(mod, torch.nn.Linear) and ".lora_" not in name:
+            out.setdefault(int(m["idx"]), []).append((name, m["suffix"], mod))
+    return out
+
+
+def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A causal LM's projection onto the vocabulary (transformers' get_output_embeddings), if any."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    return out if isinstance(out, torch.nn.Linear) else None
+
+
+def inspect_model(model: torch.nn.Module, target_modules: tuple[str, ...], source: str = "") -> ModelSpec:
+    """Find the LoRA targets (per transformer layer) and the task head (encoders) or the frozen
+    output layer (decoders) of a model. `source` (the model folder) goes into error messages."""
+    cfg = model.config
+    where = f"{source}: " if source else ""
+    linears = _layer_linears(model)
+    targets = [LoraTarget(l, sub, name, mod.in_features, mod.out_features)
+               for l, mods in linears.items() for name, sub, mod in mods if name.rsplit(".", 1)[-1] in target_modules]
     if not targets:
-        raise ModelError(f"no Linear module named any of {list(target_modules)} inside numbered transformer "
-                         "layers; set model.target_modules to the model's attention projection names")
+        names = sorted({sub for _, sub, _ in linears.get(0, [])})
+        raise ModelError(f"{where}no Linear module named any of {list(target_modules)} inside numbered transformer "
+                         f"layers (layer 0 has {names or 'no Linear modules'}); set model.target_modules to the "
+                         "model's attention projection names (e.g. model.target_modules = [\"q_proj\", \"v_proj\"])")
     head = next((h for h in HEAD_CANDIDATES if hasattr(model, h)), None)
-    if head is None:
-        raise ModelError("the model has no 'classifier' or 'score' head; load it as a sequence classifier")
-    head_shapes = {n: tuple(p.shape) for n, p in getattr(model, head).named_parameters()}
+    lm_head = output_layer(model) if head is None else None
+    if head is None and lm_head is None:
+        raise ModelError(f"{where}the model has no 'classifier' or 'score' head and no output layer over a "
+                         "vocabulary; load it as a sequence classifier or a causal LM")
+    head_shapes = {n: tuple(p.shape) for n, p in getattr(model, head).named_parameters()} if head else {}
     L = int(cfg.num_hidden_layers)
     if sorted({t.layer for t in targets}) != list(range(L)):
-        raise ModelError(f"LoRA targets found in layers {sorted({t.layer for t in targets})}, expected 0..{L - 1}")
-    return ModelSpec(num_layers=L, hidden=int(cfg.hidden_size),
-                     intermediate=int(getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)),
-                     targets=tuple(sorted(targets, key=lambda t: (t.layer, t.module))),
-                     head_module=head, head_shapes=head_shapes,
-                     num_labels=int(getattr(model, "num_labels", cfg.num_labels)))
+        raise ModelError(f"{where}LoRA targets found in layers {sorted({t.layer for t in targets})}, "
+                         f"expected 0..{L - 1}")
+    spec = dict(num_layers=L, hidden=int(cfg.hidden_size),
+                intermediate=int(getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size),
+                targets=tuple(sorted(targets, key=lambda t: (t.layer, t.module))))
+    if lm_head is None:
+        return ModelSpec(**spec, head_module=head, head_shapes=head_shapes,
+                         num_labels=int(getattr(model, "num_labels", cfg.num_labels)))
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return ModelSpec(**spec, head_module="", head_shapes={}, num_labels=0, kind="decoder",
+                     block_macs=sum(m.in_features * m.out_features for _, _, m in linears[0]),
+                     attn_width=heads * head_dim, vocab=int(lm_head.out_features))
+

@@ -33,11 +33,16 @@ Export (`save_pretrained`): an open format, no library needed to read it:
                                  "head_module": "classifier", "residual": true}
 `BottleneckHost.from_pretrained(base_model, folder)` loads it back onto a base model from
 fedlegend.models.encoder.load_base_model; `host.model` is then the adapted classifier.
+
+Decoders (causal LMs, fedlegend.models.decoder): the adapter sits after each decoder block's MLP,
+on the output of its down projection (`model.layers.{l}.mlp.down_proj` in Llama), before the
+residual add; there is no head (no "head.*" keys: the lm_head stays frozen) and "head_module" is "".
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,6 +55,9 @@ FORMAT = "fedlegend-bottleneck/1"
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 POSITION = "output of the FFN output projection, before dropout, residual and LayerNorm"
+DECODER_POSITION = "output of the MLP's down projection, before the residual add"
+# where several Linear intermediate -> hidden share a layer, the FFN's output projection is named so
+FFN_OUTPUT_NAMES = (".output.dense", ".mlp.down_proj")
 
 
 def adapter_key(layer: int, part: str) -> str:
@@ -81,7 +89,7 @@ def find_ffn_outputs(model: nn.Module, num_layers: int, hidden: int, intermediat
     """Layer -> name of its FFN output projection (a Linear intermediate -> hidden inside layer l).
 
     Where several Linear layers of a layer have that shape (intermediate == hidden), the one
-    named `output.dense` (BERT, MPNet) wins."""
+    named `output.dense` (BERT, MPNet) or `mlp.down_proj` (Llama, Qwen) wins."""
     found: dict[int, list[str]] = {}
     for name, mod in model.named_modules():
         m = LAYER_RE.match(name)
@@ -91,7 +99,7 @@ def find_ffn_outputs(model: nn.Module, num_layers: int, hidden: int, intermediat
     for layer in range(num_layers):
         names = found.get(layer, [])
         if len(names) > 1:
-            names = [n for n in names if n.endswith(".output.dense") and ".attention." not in n] or names
+            names = [n for n in names if n.endswith(FFN_OUTPUT_NAMES) and ".attention." not in n] or names
         if len(names) != 1:
             raise ValueError(
                 f"bottleneck adapters: cannot place an adapter in transformer layer {layer}: expected one FFN output "
@@ -109,9 +117,7 @@ def adapter_spec(spec: ModelSpec, sites: dict[int, str]) -> ModelSpec:
     adapter's parameters (biases aside), so devices.round_work prices adapters correctly
     when given this spec and the layer -> width map."""
     targets = tuple(LoraTarget(l, "adapter", sites[l], spec.hidden, spec.hidden) for l in sorted(sites))
-    return ModelSpec(num_layers=spec.num_layers, hidden=spec.hidden, intermediate=spec.intermediate,
-                     targets=targets, head_module=spec.head_module, head_shapes=dict(spec.head_shapes),
-                     num_labels=spec.num_labels)
+    return replace(spec, targets=targets, head_shapes=dict(spec.head_shapes))
 
 
 class BottleneckHost(AdapterHost):
@@ -129,7 +135,7 @@ class BottleneckHost(AdapterHost):
         self.sites = sites
         for p in model.parameters():
             p.requires_grad_(False)
-        self.head = getattr(model, spec.head_module)
+        self.head = getattr(model, spec.head_module) if spec.has_head else None   # decoders: none
         self._modules: dict[str, nn.ModuleDict] = {}
         self._active: nn.ModuleDict | None = None
         modules = dict(model.named_modules())
@@ -155,7 +161,7 @@ class BottleneckHost(AdapterHost):
     def _build(self, name: str, ranks: Ranks, init: bool) -> dict[str, nn.Parameter]:
         if not ranks:
             raise ValueError("an adapter layout needs at least one layer")
-        site_param = next(iter(self.head.parameters()))
+        site_param = next(iter((self.head if self.head is not None else self.base).parameters()))
         mods = nn.ModuleDict()
         for layer, w in sorted(ranks.items()):
             if not 0 <= layer < self.spec.num_layers:
@@ -168,7 +174,7 @@ class BottleneckHost(AdapterHost):
         for layer, mod in mods.items():
             for part, p in mod.named_parameters():
                 params[adapter_key(int(layer), part)] = p
-        for pname, p in self.head.named_parameters():
+        for pname, p in (self.head.named_parameters() if self.head is not None else ()):
             params["head." + pname] = p
         self._modules[name] = mods
         return params
@@ -186,7 +192,8 @@ class BottleneckHost(AdapterHost):
 
     def config(self) -> dict:
         return {"format": FORMAT, "widths": {str(l): int(w) for l, w in sorted(self.global_ranks.items())},
-                "placement": {str(l): self.sites[l] for l in sorted(self.global_ranks)}, "position": POSITION,
+                "placement": {str(l): self.sites[l] for l in sorted(self.global_ranks)},
+                "position": DECODER_POSITION if self.spec.kind == "decoder" else POSITION,
                 "activation": "relu", "residual": True, "hidden": self.spec.hidden,
                 "head_module": self.spec.head_module}
 
@@ -202,7 +209,8 @@ class BottleneckHost(AdapterHost):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, folder: str | Path, spec: ModelSpec | None = None) -> "BottleneckHost":
-        """The host of a saved adapter on `model` (a fedlegend.models.encoder.load_base_model classifier)."""
+        """The host of a saved adapter on `model` (a fedlegend.models.encoder.load_base_model classifier,
+        or a decoder from fedlegend.models.decoder.load_causal_lm)."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -210,7 +218,9 @@ class BottleneckHost(AdapterHost):
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{folder / CONFIG_NAME}: format {cfg.get('format')!r}, expected {FORMAT!r}")
         if spec is None:
-            spec = inspect_model(model, ("dense",))  # every layer has one: only sizes and the head are used here
+            # the adapter sites' names are in every layer: only sizes and the head are used here
+            sites = tuple({name.rsplit(".", 1)[-1] for name in cfg.get("placement", {}).values()} | {"dense"})
+            spec = inspect_model(model, sites)
         host = cls(model, spec, {int(l): int(w) for l, w in cfg["widths"].items()})
         host.load(cls.GLOBAL, load_file(str(folder / WEIGHTS_NAME)))
         host.use(host.global_ranks)

@@ -1,8 +1,9 @@
 """Base models, found by kind: what a device fine-tunes (frozen, under an adapter host).
 
 A model kind is a loader (path, num_labels, dropout) -> nn.Module with a `config` (its
-transformer's) and a task head that fedlegend.spec.inspect_model finds. A new model family
-(a decoder LM) is one module here and one entry below; methods and engines do not change.
+transformer's) and a task head (encoders) or an output layer over the vocabulary (decoders)
+that fedlegend.spec.inspect_model finds. A new model family is one module here and one entry
+below; methods and engines do not change.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Callable
 
 from torch import nn
 
+from .decoder import load_causal_lm, load_tokenizer
 from .encoder import MeanPoolClassifier, load_base_model
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "encoder": load_base_model,   # a sentence encoder with a mean-pooling classification head
+    "decoder": load_causal_lm,    # a causal LM as it is (its lm_head frozen, no task head)
 }
 
 
@@ -25,4 +28,4 @@ def build_model(kind: str, path: str | Path, num_labels: int, dropout: float = 0
     return MODELS[kind](path, num_labels=num_labels, dropout=dropout)
 
 
-__all__ = ["MODELS", "MeanPoolClassifier", "build_model", "load_base_model"]
+__all__ = ["MODELS", "MeanPoolClassifier", "build_model", "load_base_model", "load_causal_lm", "load_tokenizer"]
