@@ -118,7 +118,7 @@ def remove_checkpoint(path: Path) -> None:
 # ---------------------------------------------------------------- outputs
 def write_partitions(path: Path, exp) -> None:
     path.write_text(json.dumps({
-        "labels": exp.label_names, "sizes": [len(p) for p in exp.parts],
+        "labels": exp.label_names, "sizes": [f.samples for f in exp.facts],
         "label_histograms": exp.label_histograms(),
         "devices": [{"id": d.id, "type": d.type, "wifi_group": d.wifi_group} for d in exp.fleet.devices],
     }, indent=1))
