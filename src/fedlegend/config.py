@@ -268,12 +268,13 @@ def build_config(data: dict[str, Any] | None = None, overrides: dict[str, Any] |
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def preset_names(folder: Path = PRESETS_DIR) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.toml"))
+def preset_names(folder: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (folder or PRESETS_DIR).glob("*.toml"))
 
 
-def preset_path(name: str, folder: Path = PRESETS_DIR) -> Path:
+def preset_path(name: str, folder: Path | None = None) -> Path:
     """configs/NAME.toml; an unknown name lists the presets there are."""
+    folder = folder or PRESETS_DIR
     names = preset_names(folder)
     if not names:
         raise ConfigError(f"no presets: {folder} holds no .toml files (presets ship with the source checkout); "
