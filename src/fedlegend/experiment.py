@@ -28,7 +28,7 @@ from .assets import ModelAsset, resolve_model
 from .client import local_steps_for
 from .config import Config
 from .data import Encoded, encode, label_histogram, partition, split_train_test
-from .datasets import resolve_dataset
+from .datasets import TextDataset, resolve_dataset
 from .devices import Fleet
 from .hosts import AdapterHost, build_host
 from .methods import Method, MethodContext, make_method
@@ -140,13 +140,18 @@ def load_model_source(cfg: Config) -> ModelSource:
     return ModelSource(asset, tokenizer, pad_id)
 
 
+def encode_examples(cfg: Config, source: ModelSource, ds: TextDataset, idx) -> Encoded:
+    """Examples `idx` of `ds`, tokenized: the one place where server (test set) and devices (their own
+    files, device_data.py) encode, so both sides agree on the encoding."""
+    idx = list(idx)
+    return encode(source.tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx], cfg.data.max_length)
+
+
 def load_split(cfg: Config, source: ModelSource) -> SplitData:
     """cfg.data's examples, split (fixed seed) and tokenized; the test part cut to data.eval_subset."""
     ds = resolve_dataset(cfg.data.name, cfg.data.path, cfg.data.text_column, cfg.data.label_column)
-    tok, n = source.tokenizer, cfg.data.max_length
     train_idx, test_idx = split_train_test(ds, cfg.data.test_size)
-    train = encode(tok, [ds.texts[i] for i in train_idx], [ds.labels[i] for i in train_idx], n)
-    test = encode(tok, [ds.texts[i] for i in test_idx], [ds.labels[i] for i in test_idx], n)
+    train, test = encode_examples(cfg, source, ds, train_idx), encode_examples(cfg, source, ds, test_idx)
     if cfg.data.eval_subset:
         test = test.subset(range(min(cfg.data.eval_subset, len(test))))
     return SplitData(ds.label_names, train, test)
