@@ -144,12 +144,15 @@ def encode_examples(cfg: Config, source: ModelSource, ds: TextDataset, idx) -> E
     """Examples `idx` of `ds`, tokenized: the one place where server (test set) and devices (their own
     files, device_data.py) encode, so both sides agree on the encoding."""
     idx = list(idx)
-    return encode(source.tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx], cfg.data.max_length)
+    pairs = None if ds.pairs is None else [ds.pairs[i] for i in idx]   # text pairs: the tokenizer's pair encoding
+    return encode(source.tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx], cfg.data.max_length,
+                  pairs)
 
 
 def load_split(cfg: Config, source: ModelSource) -> SplitData:
     """cfg.data's examples, split (fixed seed) and tokenized; the test part cut to data.eval_subset."""
-    ds = resolve_dataset(cfg.data.name, cfg.data.path, cfg.data.text_column, cfg.data.label_column)
+    ds = resolve_dataset(cfg.data.name, cfg.data.path, cfg.data.text_column, cfg.data.label_column,
+                         cfg.data.text_pair_column)
     train_idx, test_idx = split_train_test(ds, cfg.data.test_size)
     train, test = encode_examples(cfg, source, ds, train_idx), encode_examples(cfg, source, ds, test_idx)
     if cfg.data.eval_subset:
