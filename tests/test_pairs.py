@@ -190,3 +190,19 @@ def test_vitaminc_from_a_task_json_path(tmp_path):
     p.write_text("{}")
     with pytest.raises(AssetError, match="not BIG-bench's vitaminc task.json"):
         resolve_dataset("vitaminc", str(p))
+
+
+def test_split_of_a_pair_file_keeps_the_pairs(tmp_path, tiny_cfg):
+    """The config's data.text_pair_column reaches the split: train and test ids are pair encodings."""
+    from fedlegend.experiment import load_model_source, load_split
+
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps({"evidence": f"quote number {i}", "claim": f"claim {i}", "label": i % 3}) + "\n"
+                         for i in range(40)))
+    cfg = tiny_cfg(**{"data.name": "file", "data.path": str(p), "data.text_column": "evidence",
+                      "data.text_pair_column": "claim", "data.test_size": 10, "data.eval_subset": None})
+    source = load_model_source(cfg)
+    split = load_split(cfg, source)
+    assert split.label_names == ["0", "1", "2"] and len(split.train) == 30 and len(split.test) == 10
+    for enc in (split.train, split.test):
+        assert enc.type_ids is not None and all(ids.count(source.tokenizer.sep_token_id) == 2 for ids in enc.ids)
