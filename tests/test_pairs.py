@@ -206,3 +206,18 @@ def test_split_of_a_pair_file_keeps_the_pairs(tmp_path, tiny_cfg):
     assert split.label_names == ["0", "1", "2"] and len(split.train) == 30 and len(split.test) == 10
     for enc in (split.train, split.test):
         assert enc.type_ids is not None and all(ids.count(source.tokenizer.sep_token_id) == 2 for ids in enc.ids)
+
+
+@pytest.mark.slow
+def test_real_vitaminc_when_downloaded(minilm_tokenizer):
+    """The real BIG-bench task (skipped unless its sdist was downloaded or task.json extracted once)."""
+    from fedlegend.assets import cache_dir
+
+    if not (cache_dir() / "vitaminc" / "task.json").is_file() and \
+            not (cache_dir() / "downloads" / "bigbench-1.0.0.tar.gz").is_file():
+        pytest.skip("BIG-bench sdist not downloaded (an optional extra; see docs/running.md)")
+    ds = resolve_dataset("vitaminc")
+    assert len(ds.texts) == len(ds.pairs) == 54668 and ds.label_names == ["True", "False", "Neither"]
+    assert np.bincount(ds.labels).tolist() == [27242, 20169, 7257]
+    enc = Classification().encode(minilm_tokenizer, ds, range(32), max_length=128)
+    assert all(ids.count(minilm_tokenizer.sep_token_id) == 2 and 1 in t for ids, t in zip(enc.ids, enc.type_ids))
