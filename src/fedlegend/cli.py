@@ -33,8 +33,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=float, help="target accuracy for time-to-target (0-1)")
     p.add_argument("--alpha", type=float, help="Dirichlet alpha over labels")
     p.add_argument("--iid", action="store_true", help="IID partitions instead of Dirichlet")
-    p.add_argument("--model", help="minilm-l6 (default), mpnet-base, or local (with --model-path)")
+    p.add_argument("--model", help="minilm-l6 (default), mpnet-base, smollm2-135m (a decoder), or local "
+                   "(with --model-path)")
     p.add_argument("--model-path", help="a local Hugging Face model folder")
+    p.add_argument("--model-kind", choices=["auto", "encoder", "decoder"],
+                   help="with --model local: auto (default: config.json's architectures decide), encoder or decoder")
     p.add_argument("--data", help="rotten-tomatoes (default) or file (with --data-path)")
     p.add_argument("--data-path", help="a CSV or JSONL file with text and label columns")
     p.add_argument("--engine", choices=["local", "flower"], help="local loop (default) or Flower's simulation engine")
@@ -50,6 +53,7 @@ def _overrides(a: argparse.Namespace) -> dict:
         "train.local_epochs": a.local_epochs, "train.batch_size": a.batch_size, "train.lr": a.lr,
         "run.eval_every": a.eval_every, "run.target_accuracy": a.target, "partition.alpha": a.alpha,
         "partition.kind": "iid" if a.iid else None, "model.name": a.model, "model.path": a.model_path,
+        "model.kind": a.model_kind,
         "data.name": a.data, "data.path": a.data_path, "method.name": getattr(a, "method", None),
         "run.engine": a.engine, "run.device": a.device, "run.precision": a.precision,
     }

@@ -133,9 +133,12 @@ def quiet_libraries(cfg: Config) -> None:
 def load_model_source(cfg: Config) -> ModelSource:
     from transformers import AutoTokenizer
 
+    from .models import load_tokenizer
+
     quiet_libraries(cfg)
-    asset = resolve_model(cfg.model.name, cfg.model.path, cfg.model.target_modules)
-    tokenizer = AutoTokenizer.from_pretrained(asset.path)
+    asset = resolve_model(cfg.model.name, cfg.model.path, cfg.model.target_modules, cfg.model.kind)
+    # a decoder's tokenizer pads with eos when it has no pad token (Llama's)
+    tokenizer = load_tokenizer(asset.path) if asset.kind == "decoder" else AutoTokenizer.from_pretrained(asset.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return ModelSource(asset, tokenizer, pad_id)
 
@@ -176,7 +179,7 @@ def make_fleet(cfg: Config) -> Fleet:
 def load_base_model(cfg: Config, source: ModelSource, num_labels: int) -> tuple[torch.nn.Module, ModelSpec]:
     seed_everything(cfg.run.seed)  # fixes the head's and the LoRA tensors' initialisation
     model = build_model(source.asset.kind, source.asset.path, num_labels=num_labels, dropout=cfg.model.dropout)
-    return model, inspect_model(model, source.asset.target_modules)
+    return model, inspect_model(model, source.asset.target_modules, str(source.asset.path))
 
 
 def steps_per_device(cfg: Config, facts: list[PartitionFacts]) -> list[int]:

@@ -35,9 +35,12 @@ def lora_config(spec: ModelSpec, ranks: Ranks, alpha_over_rank: float, dropout: 
             rank_pattern[t.full_name] = int(r)
             alpha_pattern[t.full_name] = float(alpha_over_rank * r)
     first = next(iter(rank_pattern.values()))
+    # an encoder's task head trains with the LoRA; a decoder's lm_head stays frozen (no head keys), and
+    # task_type makes the export load as a PeftModelForCausalLM (generate)
     return LoraConfig(r=first, lora_alpha=alpha_over_rank * first, target_modules=names,
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, lora_dropout=dropout,
-                      modules_to_save=[spec.head_module], bias="none")
+                      modules_to_save=[spec.head_module] if spec.has_head else None, bias="none",
+                      task_type="CAUSAL_LM" if spec.kind == "decoder" else None)
 
 
 class LoraHost(AdapterHost):
@@ -68,7 +71,7 @@ class LoraHost(AdapterHost):
                     full = pname[: -len(tag)].removeprefix("base_model.model.")
                     t = by_full[full]
                     out[lora_key(t.layer, t.module, part)] = p
-            if head_tag in pname:
+            if self.spec.has_head and head_tag in pname:
                 out["head." + pname.split(head_tag, 1)[1]] = p
         return out
 
