@@ -44,6 +44,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default: the first CUDA GPU when one is visible, else the CPU), cpu, "
                    "cuda or cuda:N")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast (CUDA GPUs only)")
+    p.add_argument("--dp-epsilon", type=float, help="differential privacy: target epsilon over the run (user-level; "
+                   "calibrates the noise; see docs/privacy.md)")
+    p.add_argument("--dp-clip", type=float, help="DP: clip each device's whole update to this L2 norm (default 1.0)")
+    p.add_argument("--dp-delta", type=float, help="DP: the delta of (epsilon, delta) (default 1e-5)")
+    p.add_argument("--dp-noise", type=float, help="DP: a fixed noise multiplier (with --dp-epsilon: stop when spent)")
+    p.add_argument("--dp-mode", choices=["central", "local"], help="DP: noise on the server (default) or on each device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -55,6 +61,8 @@ def _overrides(a: argparse.Namespace) -> dict:
         "partition.kind": "iid" if a.iid else None, "model.name": a.model, "model.path": a.model_path,
         "model.kind": a.model_kind,
         "data.name": a.data, "data.path": a.data_path, "method.name": getattr(a, "method", None),
+        "privacy.epsilon": a.dp_epsilon, "privacy.clip": a.dp_clip, "privacy.delta": a.dp_delta,
+        "privacy.noise_multiplier": a.dp_noise, "privacy.mode": a.dp_mode,
         "run.engine": a.engine, "run.device": a.device, "run.precision": a.precision,
     }
 

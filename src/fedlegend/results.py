@@ -34,6 +34,8 @@ def summarize(records: list[dict], method: str, target: float, **extra) -> dict:
         "virtual_time_s": records[-1]["virtual_time_s"] if records else 0.0,
         "rounds": len(records),
         "rejected_updates": sum(1 for r in records for e in r["events"] if e["kind"] == "rejected"),
+        **({k: records[-1][k] for k in ("epsilon", "delta", "noise_multiplier")}   # DP runs only
+           if records and "epsilon" in records[-1] else {}),
         **extra,
     }
 

@@ -25,6 +25,7 @@ import numpy as np
 from ..client import LocalResult, LocalTrainingError, evaluate, train_local
 from ..data import sample_batches
 from ..devices import RoundTime, Work, round_work
+from .. import privacy
 from ..experiment import Experiment
 from ..methods.aggregation import DeviceUpdate
 from ..methods.base import (Assignment, Estimate, Estimator, LoraPlan, RoundView, Skip, StatusReport, UpdateRejected,
@@ -188,6 +189,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
         rows.append(device_row(a.plan, reply))
     events.extend(extra_events or [])
     agg = exp.method.aggregate(rp.round, global_state, updates)
+    agg = privacy.server_side(exp, rp, global_state, updates, agg)  # central DP: noise on what is released
     # a synchronous round lasts until the server has heard from (or cut off) every device; the
     # devices that delivered wait for it
     round_time = agg.round_time_s if agg.round_time_s is not None else max(seen_at, default=0.0)
@@ -200,7 +202,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
               "mean_waiting_s": float(np.mean([r["waiting_s"] for r in rows])) if rows else 0.0,
               "bytes_down": bytes_down, "bytes_up": bytes_up, "lr": rp.lr,
               "train_loss": float(np.mean(losses)) if losses else None,
-              "devices": rows, "events": events}
+              "devices": rows, "events": events, **privacy.record_fields(exp.cfg, rp.round)}
     return RoundOutcome(agg.state, record, reports)
 
 
@@ -241,6 +243,7 @@ def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
     except LocalTrainingError as err:
         rt = exp.fleet.time(dev, a.round, planned_work(exp, a))
         return DeviceFailure(dev, "rejected", str(err), rt.download_s + rt.forward_s + rt.backward_s)
+    res = privacy.device_side(exp, a, res)  # DP: the update clipped (local DP: noised) before it leaves
     # the server decided the wire size (a device's own method object holds no server state)
     rt = exp.fleet.time(dev, a.round, round_work(exp.spec, a.plan.ranks, res.batch_shapes, a.download_bytes,
                                                  state_bytes(res.state)))
@@ -252,7 +255,7 @@ def record_round(exp: Experiment, round_: int, clock: float, state: AdapterState
     """The round's record on the virtual clock; evaluates every `eval_every` rounds and at the last."""
     cfg = exp.cfg
     rec = {"round": round_, "virtual_time_s": clock, "accuracy": None, "loss": None, **out.record}
-    if round_ % cfg.run.eval_every == 0 or round_ == cfg.run.rounds:
+    if round_ % cfg.run.eval_every == 0 or round_ == privacy.last_round(cfg):
         score = evaluate(exp.host, exp.task, state, exp.test, cfg.train.eval_batch_size, exp.pad_id,
                          precision=cfg.run.precision)
         rec["accuracy"], rec["loss"] = score.accuracy, score.loss
@@ -325,7 +328,7 @@ def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
     `resume` starts after the snapshot's round, replaying its records through `on_record` first."""
     from tqdm.auto import tqdm
 
-    rounds = exp.cfg.run.rounds
+    rounds = privacy.last_round(exp.cfg)  # earlier than run.rounds when a fixed noise spends the target epsilon
     server = Server(exp, resume)
     for rec in server.records:
         if on_record:
