@@ -28,15 +28,10 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field("minilm-l6", description="registered model (minilm-l6, mpnet-base: encoders; smollm2-135m: "
-                      "a decoder) or 'local'")
+    name: str = Field("minilm-l6", description="registered model (minilm-l6, mpnet-base) or 'local'")
     path: str | None = Field(None, description="a local Hugging Face model folder when name = 'local'")
-    kind: Literal["auto", "encoder", "decoder"] = Field(
-        "auto", description="auto: a registered model's own kind; a local folder's from its config.json "
-                            "architectures (*ForCausalLM: decoder)")
     target_modules: list[str] | None = Field(
-        None, description="LoRA target module names inside a layer; default: the model's own (decoders: "
-                          "q_proj, v_proj or the model's fused attention projection)"
+        None, description="LoRA target module names inside a layer; default: the model's own"
     )
     lora_alpha_over_rank: float = Field(2.0, gt=0, description="LoRA alpha = this * rank (same scaling at every rank)")
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -45,7 +40,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: str = Field("rotten-tomatoes", description="registered dataset (rotten-tomatoes, trec, vitaminc) or 'file'")
+    name: str = Field("rotten-tomatoes", description="registered dataset (rotten-tomatoes, trec, vitaminc, mmlu, math) or 'file'")
     path: str | None = Field(None, description="a CSV or JSONL file when name = 'file' (vitaminc: optional, "
                              "BIG-bench's bigbench-1.0.0.tar.gz or its vitaminc task.json)")
     text_column: str = "text"
@@ -55,6 +50,28 @@ class DataConfig(_Section):
     test_size: int = Field(1500, ge=10, description="held-out test examples (fixed seeded split)")
     max_length: int = Field(64, ge=8, le=512)
     eval_subset: int | None = Field(None, ge=10, description="evaluate on the first N test examples only")
+    task: Literal["auto", "classification", "multiple-choice", "generation"] = Field(
+        "auto", description="the task kind; auto: the data's own (mmlu: multiple-choice, math: generation, a file "
+                            "with prompt/answer columns: generation, else classification)")
+    prompt_column: str = Field("prompt", description="a file's prompt column (generation; multiple-choice: the "
+                               "question, with options in answer_a..answer_d or A..D)")
+    answer_column: str = Field("answer", description="a file's answer column (generation: a worked answer whose "
+                               "last number is scored; multiple-choice: the correct letter A-D)")
+    math_generator: Literal["chain_sum", "leg_counting", "basic_arithmetic", "gsm_symbolic"] = Field(
+        "chain_sum", description="data.name = 'math': the reasoning-gym generator "
+                                "(chain_sum, leg_counting, basic_arithmetic, gsm_symbolic)")
+    math_size: int = Field(4000, ge=20, description="data.name = 'math': problems generated (fixed seed)")
+    math_eval: Literal["split", "gsm8k"] = Field(
+        "split", description="data.name = 'math': score on held-out generated problems (split), or on GSM8K's "
+                             "test file (not with gsm_symbolic, whose templates come from it)")
+    max_new_tokens: int = Field(64, ge=1, le=1024, description="generation: greedy tokens at most per answer")
+
+    @model_validator(mode="after")
+    def _gsm8k_uncontaminated(self) -> "DataConfig":
+        if self.math_eval == "gsm8k" and self.math_generator == "gsm_symbolic":
+            raise ValueError("math_eval = 'gsm8k' needs a math_generator other than gsm_symbolic (its templates "
+                             "come from GSM8K's test problems: the score would be contaminated)")
+        return self
 
 
 class PartitionConfig(_Section):
