@@ -28,10 +28,15 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field("minilm-l6", description="registered model (minilm-l6, mpnet-base) or 'local'")
+    name: str = Field("minilm-l6", description="registered model (minilm-l6, mpnet-base: encoders; smollm2-135m: "
+                      "a decoder) or 'local'")
     path: str | None = Field(None, description="a local Hugging Face model folder when name = 'local'")
+    kind: Literal["auto", "encoder", "decoder"] = Field(
+        "auto", description="auto: a registered model's own kind; a local folder's from its config.json "
+                            "architectures (*ForCausalLM: decoder)")
     target_modules: list[str] | None = Field(
-        None, description="LoRA target module names inside a layer; default: the model's own"
+        None, description="LoRA target module names inside a layer; default: the model's own (decoders: "
+                          "q_proj, v_proj or the model's fused attention projection)"
     )
     lora_alpha_over_rank: float = Field(2.0, gt=0, description="LoRA alpha = this * rank (same scaling at every rank)")
     lora_dropout: float = Field(0.0, ge=0, lt=1)
