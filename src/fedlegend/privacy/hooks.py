@@ -18,7 +18,7 @@ import torch
 from ..methods.aggregation import DeviceUpdate, lora_pairs
 from ..methods.base import Aggregated, trained_part
 from ..spec import AdapterState
-from . import accountant
+from .accountant import calibrate, epsilon, rounds_within
 from .mechanism import (clip_update, linear_stds, local_noise, noisy_linear, noisy_products, product_sensitivity,
                         spectral_bound)
 from .support import RULES
@@ -41,10 +41,10 @@ class Settings:
 @lru_cache(maxsize=32)
 def _settings(mode, clip, delta, sigma, target, rounds, seeded) -> Settings:
     if sigma is None:   # calibrate over the planned rounds (sampling rate 1: every device, every round)
-        sigma = accountant.calibrate(target, rounds, delta)
+        sigma = calibrate(target, rounds, delta)
         last = rounds
     else:
-        last = rounds if target is None else accountant.rounds_within(sigma, target, delta, rounds)
+        last = rounds if target is None else rounds_within(sigma, target, delta, rounds)
     return Settings(mode, clip, delta, sigma, target, last, seeded)
 
 
@@ -113,5 +113,5 @@ def record_fields(cfg, round_: int) -> dict:
     s = settings(cfg)
     if s is None:
         return {}
-    return {"epsilon": accountant.epsilon(s.noise_multiplier, round_, s.delta), "delta": s.delta,
+    return {"epsilon": epsilon(s.noise_multiplier, round_, s.delta), "delta": s.delta,
             "noise_multiplier": s.noise_multiplier}
