@@ -43,7 +43,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["local", "flower"], help="local loop (default) or Flower's simulation engine")
     p.add_argument("--device", help="auto (default: the first CUDA GPU when one is visible, else the CPU), cpu, "
                    "cuda or cuda:N")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast (CUDA GPUs only)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast (pays on GPUs; changes the numbers)")
     p.add_argument("--dp-epsilon", type=float, help="differential privacy: target epsilon over the run (user-level; "
                    "calibrates the noise; see docs/privacy.md)")
     p.add_argument("--dp-clip", type=float, help="DP: clip each device's whole update to this L2 norm (default 1.0)")

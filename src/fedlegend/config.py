@@ -203,8 +203,8 @@ class RunConfig(_Section):
     device: str = Field("auto",
                         description="where the model trains and evaluates: auto (the first CUDA GPU when one is "
                                     "visible, else the CPU), cpu, cuda or cuda:N")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (CUDA GPUs only; "
-                                               "weights and optimizer stay fp32)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (weights and optimizer "
+                                               "stay fp32; changes the numbers; pays on GPUs)")
 
     @field_validator("device")
     @classmethod

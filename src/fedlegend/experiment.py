@@ -30,6 +30,7 @@ from .config import Config
 from .data import Encoded, encode, label_histogram, partition, split_train_test
 from .datasets import TextDataset, resolve_dataset
 from .devices import Fleet
+from .execution import check_precision, resolve_device
 from .hosts import AdapterHost, build_host
 from .methods import Method, MethodContext, make_method
 from .methods.aggregation import with_zero_residuals
@@ -177,9 +178,11 @@ def make_fleet(cfg: Config) -> Fleet:
 
 
 def load_base_model(cfg: Config, source: ModelSource, num_labels: int) -> tuple[torch.nn.Module, ModelSpec]:
+    device = resolve_device(cfg.run.device)   # run.device / run.precision: a clear error before the model loads
+    check_precision(cfg.run.precision, device)
     seed_everything(cfg.run.seed)  # fixes the head's and the LoRA tensors' initialisation
     model = build_model(source.asset.kind, source.asset.path, num_labels=num_labels, dropout=cfg.model.dropout)
-    return model, inspect_model(model, source.asset.target_modules, str(source.asset.path))
+    return model.to(device), inspect_model(model, source.asset.target_modules, str(source.asset.path))
 
 
 def steps_per_device(cfg: Config, facts: list[PartitionFacts]) -> list[int]:

@@ -106,7 +106,7 @@ class LoraHost(AdapterHost):
             res = state.get(key)
             if res is not None and tuple(res.shape) != tuple(w0.shape):
                 raise ValueError(f"{key}: shape {tuple(res.shape)} does not fit the weight {tuple(w0.shape)}")
-            weight.copy_(w0 if res is None else w0 + res.to(w0.dtype))
+            weight.copy_(w0 if res is None else w0 + res.to(w0.device, w0.dtype))  # states are CPU tensors
 
     def save_pretrained(self, out_dir: str | Path, state: AdapterState) -> None:
         """Write the global adapter in PEFT format (loadable with PeftModel.from_pretrained)."""

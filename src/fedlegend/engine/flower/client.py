@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ...devices import RoundTime
+from ...execution import ExecutionError
 from ...experiment import Experiment, build_experiment
 from ..local import DeviceFailure, DeviceResult, run_device, status_report
 from .timing import ForwardTimer
@@ -75,7 +76,11 @@ def handle_train(message: Message, context: Context) -> Message:
     except (MalformedMessage, ValueError, TypeError) as err:  # an undecodable payload is malformed too
         return Message(result_to_content(DeviceFailure(dev, "rejected", f"bad TRAIN message: {err}"), round_),
                        reply_to=message)
-    exp = _DEVICE_SIDE.get(config_toml)
+    try:
+        exp = _DEVICE_SIDE.get(config_toml)
+    except ExecutionError as err:  # run.device / run.precision this node cannot honour (cuda without a GPU)
+        return Message(result_to_content(DeviceFailure(dev, "rejected", f"device {dev}: {err}"), round_),
+                       reply_to=message)
     extra = {"worker-pid": os.getpid(), "worker-builds": _DEVICE_SIDE.builds}
     if status == "fleet":
         res = run_device(exp, a)
