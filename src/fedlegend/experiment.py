@@ -27,8 +27,8 @@ import torch
 from .assets import ModelAsset, resolve_model
 from .client import local_steps_for
 from .config import Config
-from .data import Encoded, encode, label_histogram, partition, split_train_test
-from .datasets import TextDataset, resolve_dataset
+from .data import Encoded, label_histogram, partition, train_test_sources
+from .datasets import TextDataset
 from .devices import Fleet
 from .execution import check_precision, resolve_device
 from .hosts import AdapterHost, build_host
@@ -36,6 +36,7 @@ from .methods import Method, MethodContext, make_method
 from .methods.aggregation import with_zero_residuals
 from .models import build_model
 from .spec import AdapterState, ModelSpec, inspect_model
+from .lmdata import load_dataset, task_kind
 from .tasks import Task, build_task
 
 
@@ -147,18 +148,15 @@ def load_model_source(cfg: Config) -> ModelSource:
 def encode_examples(cfg: Config, source: ModelSource, ds: TextDataset, idx) -> Encoded:
     """Examples `idx` of `ds`, tokenized: the one place where server (test set) and devices (their own
     files, device_data.py) encode, so both sides agree on the encoding."""
-    idx = list(idx)
-    pairs = None if ds.pairs is None else [ds.pairs[i] for i in idx]   # text pairs: the tokenizer's pair encoding
-    return encode(source.tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx], cfg.data.max_length,
-                  pairs)
+    # the task encodes: classification (text pairs: the tokenizer's pair encoding), or a prompt and its answer
+    return build_task(task_kind(cfg.data), cfg.data).encode(source.tokenizer, ds, list(idx), cfg.data.max_length)
 
 
 def load_split(cfg: Config, source: ModelSource) -> SplitData:
     """cfg.data's examples, split (fixed seed) and tokenized; the test part cut to data.eval_subset."""
-    ds = resolve_dataset(cfg.data.name, cfg.data.path, cfg.data.text_column, cfg.data.label_column,
-                         cfg.data.text_pair_column)
-    train_idx, test_idx = split_train_test(ds, cfg.data.test_size)
-    train, test = encode_examples(cfg, source, ds, train_idx), encode_examples(cfg, source, ds, test_idx)
+    ds = load_dataset(cfg.data)   # a TextDataset, or an LMDataset (mmlu, math, prompt/answer files)
+    (train_ds, train_idx), (test_ds, test_idx) = train_test_sources(ds, cfg.data.test_size)
+    train, test = encode_examples(cfg, source, train_ds, train_idx), encode_examples(cfg, source, test_ds, test_idx)
     if cfg.data.eval_subset:
         test = test.subset(range(min(cfg.data.eval_subset, len(test))))
     return SplitData(ds.label_names, train, test)
@@ -221,7 +219,7 @@ def build_server(cfg: Config, source: ModelSource, facts: list[PartitionFacts], 
     if method.info.residual:   # FLoRA, FedEx-LoRA: the frozen weights' residuals start at zero
         initial = with_zero_residuals(initial)
     # host.spec: the bottleneck host's spec describes its adapter sites, so the cost model prices adapters
-    return Experiment(cfg, host.spec, host, build_task("classification"), method, fleet, test, label_names,
+    return Experiment(cfg, host.spec, host, build_task(task_kind(cfg.data), cfg.data), method, fleet, test, label_names,
                       source.pad_id, initial, steps_per_device(cfg, facts), list(facts))
 
 
@@ -249,5 +247,5 @@ def build_device(cfg: Config, device: int, source: ModelSource, data: Encoded, l
     method = make_method(cfg.method.name, method_context(cfg, spec, placeholder, cfg.data.max_length),
                          cfg.method.model_dump())
     host = attach_host(cfg, method, model, spec)
-    return DeviceExperiment(cfg, device, host.spec, host, build_task("classification"), fleet, data, label_names,
+    return DeviceExperiment(cfg, device, host.spec, host, build_task(task_kind(cfg.data), cfg.data), fleet, data, label_names,
                             source.pad_id)
