@@ -340,3 +340,42 @@ def test_encoded_subset_carries_the_answer_fields(tokenizer):
     sub = data.subset([2, 0])
     assert sub.golds == ["15", "3"] and sub.answer_start.tolist() == [data.answer_start[2], data.answer_start[0]]
     assert sub.lm is data.lm
+
+
+# ---------------------------------------------------------------- end to end (tiny Llama, a user's files)
+@pytest.fixture(scope="module")
+def lm_run_inputs(tmp_path_factory, chat_tokenizer):
+    """A tiny random Llama folder with the MiniLM tokenizer (and a chat template), a generation file
+    and a multiple-choice file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("lm-run")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=chat_tokenizer.pad_token_id, eos_token_id=chat_tokenizer.sep_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    chat_tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    gen = [{"prompt": f"{a} + {b} =", "answer": f"{a} + {b} = {a + b}. The answer is {a + b}."}
+           for a, b in rng.integers(0, 20, size=(60, 2))]
+    mc = [dict(MMLU_ROW, question=f"Question {i}?", correct_answer="ABCD"[i % 4]) for i in range(60)]
+    return root / "model", write(root / "gen.jsonl", gen), write(root / "mc.jsonl", mc)
+
+
+@pytest.mark.parametrize("kind", ["generation", "multiple-choice"])
+def test_a_run_on_a_prompt_answer_file(kind, lm_run_inputs, tiny_cfg, tmp_path):
+    from fedlegend.rundir import run_experiment
+
+    model, gen, mc = lm_run_inputs
+    cfg = tiny_cfg(**{"model.name": "local", "model.path": str(model), "data.name": "file",
+                      "data.path": str(gen if kind == "generation" else mc), "data.test_size": 12,
+                      "data.eval_subset": 12, "data.max_new_tokens": 4, "data.max_length": 96,
+                      "partition.kind": "iid", "method.name": "legend", "run.target_accuracy": 0.99,
+                      **({"data.prompt_column": "question", "data.answer_column": "correct_answer",
+                          "data.task": "multiple-choice"} if kind == "multiple-choice" else {})})
+    summary = run_experiment(cfg, tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs), summary
+    assert all(np.isfinite(r["loss"]) for d in records for r in d["devices"])
