@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from ..data import Encoded, collate, encode, eval_batches
+from ..data import collate, eval_batches
 from ..execution import model_device, to_device
 from .base import Score, Task
 
 
 class Classification(Task):
+    """Encoding: Task.encode's default (a TextDataset's texts, or its pairs, and labels)."""
     name = "classification"
-
-    def encode(self, tokenizer, ds, idx, max_length) -> Encoded:
-        """The examples `idx` of a TextDataset; pairs (ds.pairs) as the tokenizer's pair encoding."""
-        pairs = None if ds.pairs is None else [ds.pairs[i] for i in idx]
-        return encode(tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx], max_length, pairs)
 
     def batch(self, data, idx, pad_id):
         type_ids = None if data.type_ids is None else [data.type_ids[i] for i in idx]
