@@ -32,25 +32,38 @@ DECODER_TARGETS = ("q_proj", "v_proj", "query_key_value", "qkv_proj", "Wqkv")
 DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
-def architectures(folder: str | Path) -> list[str]:
-    """The `architectures` of a Hugging Face folder's config.json ([] if it names none)."""
+def _config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     try:
-        cfg = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ModelError(f"{path}: cannot read the model config ({err}); give a Hugging Face model folder") from None
-    return [str(a) for a in cfg.get("architectures") or []]
+
+
+def architectures(folder: str | Path) -> list[str]:
+    """The `architectures` of a Hugging Face folder's config.json ([] if it names none)."""
+    return [str(a) for a in _config(folder).get("architectures") or []]
 
 
 def is_causal_lm(folder: str | Path) -> bool:
+    """config.json's architectures name a causal-LM class (what model.kind = 'auto' goes by)."""
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures(folder))
+
+
+def may_be_causal_lm(folder: str | Path) -> bool:
+    """A causal LM by its architectures, or (none given) a model_type transformers has a causal LM of."""
+    if architectures(folder):
+        return is_causal_lm(folder)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return _config(folder).get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def check_decoder_folder(folder: str | Path) -> None:
     """A folder fedlegend can fine-tune as a decoder: a causal LM with its tokenizer, else a ModelError
     naming the folder and the fix."""
     folder = Path(folder)
-    if not is_causal_lm(folder):
+    if not may_be_causal_lm(folder):
         found = architectures(folder) or ["none"]
         raise ModelError(f"{folder} is not a causal LM (config.json architectures: {', '.join(found)}; expected "
                          "e.g. LlamaForCausalLM); give a decoder folder, or set model.kind = 'encoder' "
