@@ -197,6 +197,12 @@ def test_bad_decoder_folders_name_the_folder_and_the_fix(tmp_path, llama_dir):
         inspect_model(load_causal_lm(llama_dir), ("wq",), source=str(llama_dir))
     with pytest.raises(UserError, match=r"smollm2-135m.*registered decoder.*model.kind = 'auto'"):
         resolve_model("smollm2-135m", kind="encoder")
+    bare = tmp_path / "no-architectures"        # config.json without architectures: auto reads it as an encoder,
+    bare.mkdir()                                # model.kind = 'decoder' accepts it by its model_type
+    (bare / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _tokenizer().save_pretrained(bare)
+    assert resolve_model("local", str(bare)).kind == "encoder"
+    assert resolve_model("local", str(bare), kind="decoder").kind == "decoder"
 
 
 # ------------------------------------------------------------------ every method on a decoder
