@@ -151,5 +151,6 @@ def resolve_model(name: str, path: str | None = None, target_modules: list[str] 
         raise AssetError(f"unknown model {name!r}; choose one of {sorted(_MODELS)} or 'local' with model.path")
     finder, targets, own_kind = _MODELS[name]
     if kind not in ("auto", own_kind):
-        raise AssetError(f"model {name!r} is an {own_kind}, not an {kind}; set model.kind = 'auto'")
+        raise AssetError(f"model {name!r} is a registered {own_kind}, not an {kind}; "
+                         f"set model.kind = 'auto' (or '{own_kind}')")
     return ModelAsset(name, finder(), tuple(target_modules or targets), own_kind)
