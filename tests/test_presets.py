@@ -28,6 +28,20 @@ def test_encoder_presets_name_their_model_and_data():
     assert vit.data.eval_subset is not None and vit.data.max_length <= 128   # sized for a 2-core CPU
 
 
+def test_legend_rank_budget_fits_each_encoder_preset():
+    """LEGEND's eq. 11 budget must cover the preset model's depth (MPNet: 12 layers need psi >= 78)."""
+    import json
+
+    from fedlegend.assets import resolve_model
+    from fedlegend.methods.legend import rank_distribution
+
+    for name in ("default", "trec", "vitaminc"):
+        cfg = load_config(preset=name)
+        layers = json.loads((resolve_model(cfg.model.name).path / "config.json").read_text())["num_hidden_layers"]
+        ranks = rank_distribution(layers, cfg.method.legend.rank_budget, cfg.method.legend.rank_step)
+        assert len(ranks) == layers and min(ranks) >= 1, name
+
+
 def test_flags_and_config_file_override_the_preset(tmp_path):
     cfg = load_config(preset="trec", overrides={"run.rounds": 2, "fleet.devices": 3})
     assert (cfg.run.rounds, cfg.fleet.devices, cfg.data.name) == (2, 3, "trec")
