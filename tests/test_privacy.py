@@ -239,8 +239,9 @@ def test_hetlora_needs_data_independent_weights():
 
 # ---------------------------------------------------------------- end to end (real model, tiny run)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["legend", "flexlora"])
-def test_dp_run_records_epsilon_and_clips_every_reply(name, tiny_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,extra", [("legend", {}), ("flexlora", {}),
+                                        ("hetlora", {"method.hetlora.weighting": "samples"})])
+def test_dp_run_records_epsilon_and_clips_every_reply(name, extra, tiny_cfg, tmp_path, monkeypatch):
     from fedlegend.engine import local
     from fedlegend.rundir import run_experiment
 
@@ -254,7 +255,7 @@ def test_dp_run_records_epsilon_and_clips_every_reply(name, tiny_cfg, tmp_path, 
         return out
 
     monkeypatch.setattr(local.privacy, "device_side", spy)
-    cfg = tiny_cfg(**{"method.name": name, "privacy.epsilon": 8.0, "privacy.clip": 0.05})
+    cfg = tiny_cfg(**{"method.name": name, "privacy.epsilon": 8.0, "privacy.clip": 0.05, **extra})
     summary = run_experiment(cfg, tmp_path / "dp", progress=False)
     recs = [json.loads(l) for l in (tmp_path / "dp" / "records.jsonl").read_text().splitlines()]
     eps = [r["epsilon"] for r in recs]
