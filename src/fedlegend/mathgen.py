@@ -11,6 +11,7 @@ import importlib.metadata as md
 from typing import Callable
 
 from .assets import AssetError
+from .numbers import gsm8k_solution
 
 GENERATOR_VERSION = "0.1.25"
 RG_INSTALL = f"pip install reasoning-gym=={GENERATOR_VERSION}"
@@ -47,8 +48,6 @@ def stated_solution(meta: dict, answer: str) -> str:
 
 
 def gsm_symbolic_solution(meta: dict, answer: str) -> str:
-    from .lmdata import gsm8k_solution
-
     return gsm8k_solution(meta["answer_cot"])[0]
 
 

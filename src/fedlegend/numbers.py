@@ -36,3 +36,12 @@ def final_number(text: str) -> str | None:
 
 def same_number(predicted: str | None, gold: str) -> bool:
     return predicted is not None and predicted == normalize_number(gold)
+
+
+def gsm8k_solution(text: str) -> tuple[str, str]:
+    """GSM8K's answer field -> (worked solution ending 'The answer is N.', N): the calculator
+    annotations <<...>> dropped, the '#### N' line rewritten."""
+    body, _, final = text.rpartition("####")
+    gold = final.strip().replace(",", "")
+    body = re.sub(r"<<[^>]*>>", "", body).strip()
+    return f"{body}\nThe answer is {gold}.".strip(), gold
