@@ -37,7 +37,7 @@ from .methods.aggregation import with_zero_residuals
 from .models import build_model
 from .spec import AdapterState, ModelSpec, inspect_model
 from .lmdata import load_dataset, task_kind
-from .tasks import Task, build_task
+from .tasks import Task, build_task, check_fits
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,9 @@ def encode_examples(cfg: Config, source: ModelSource, ds: TextDataset, idx) -> E
     """Examples `idx` of `ds`, tokenized: the one place where server (test set) and devices (their own
     files, device_data.py) encode, so both sides agree on the encoding."""
     # the task encodes: classification (text pairs: the tokenizer's pair encoding), or a prompt and its answer
-    return build_task(task_kind(cfg.data), cfg.data).encode(source.tokenizer, ds, list(idx), cfg.data.max_length)
+    kind = task_kind(cfg.data)
+    check_fits(kind, source.asset.kind, cfg.model.name)
+    return build_task(kind, cfg.data).encode(source.tokenizer, ds, list(idx), cfg.data.max_length)
 
 
 def load_split(cfg: Config, source: ModelSource) -> SplitData:
