@@ -250,7 +250,7 @@ def _vitaminc(path: str | None = None) -> TextDataset:
     return TextDataset(texts, labels, names, pairs)
 
 
-DATASETS = ("rotten-tomatoes", "trec", "vitaminc", "file")
+DATASETS = ("rotten-tomatoes", "trec", "vitaminc", "mmlu", "math", "file")   # mmlu, math: lmdata.load_dataset
 
 
 def resolve_dataset(name: str, path: str | None = None, text_column: str = "text",
