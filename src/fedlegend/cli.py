@@ -50,6 +50,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-delta", type=float, help="DP: the delta of (epsilon, delta) (default 1e-5)")
     p.add_argument("--dp-noise", type=float, help="DP: a fixed noise multiplier (with --dp-epsilon: stop when spent)")
     p.add_argument("--dp-mode", choices=["central", "local"], help="DP: noise on the server (default) or on each device")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="rerun the frozen layers every step (cache.prefix_cache = false; docs/cache.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -64,6 +66,7 @@ def _overrides(a: argparse.Namespace) -> dict:
         "privacy.epsilon": a.dp_epsilon, "privacy.clip": a.dp_clip, "privacy.delta": a.dp_delta,
         "privacy.noise_multiplier": a.dp_noise, "privacy.mode": a.dp_mode,
         "run.engine": a.engine, "run.device": a.device, "run.precision": a.precision,
+        "cache.prefix_cache": False if a.no_prefix_cache else None,
     }
 
 

@@ -13,6 +13,7 @@ from .data import Encoded, sample_batches
 from .execution import autocast, model_device, to_device
 from .hosts import AdapterHost
 from .methods.base import LoraPlan, trained_part
+from .prefix_cache import PrefixCache, feeding
 from .spec import AdapterState
 from .tasks import Score, Task
 
@@ -38,10 +39,12 @@ def local_steps_for(n_examples: int, batch_size: int, local_steps: int, local_ep
 
 def train_local(host: AdapterHost, task: Task, plan: LoraPlan, payload: AdapterState, data: Encoded, *,
                 steps: int, batch_size: int, lr: float, rng: np.random.Generator, pad_id: int,
-                weight_decay: float = 0.0, max_grad_norm: float = 1.0, precision: str = "fp32") -> LocalResult:
+                weight_decay: float = 0.0, max_grad_norm: float = 1.0, precision: str = "fp32",
+                prefix_cache: PrefixCache | None = None) -> LocalResult:
     """AdamW on the plan's adapter tensors and the head (eq. 7), starting from the payload.
 
-    Runs where the host's model lives; `precision` "bf16" autocasts forward and loss (execution.py)."""
+    Runs where the host's model lives; `precision` "bf16" autocasts forward and loss (execution.py).
+    With a `prefix_cache`, the frozen layers below the plan's lowest layer are not rerun (prefix_cache.py)."""
     # Dropout draws from torch's generator: seed it from the device's own stream, so a device's
     # round is a pure function of its inputs whatever ran before it (or in which process).
     torch.manual_seed(int(rng.integers(2**62)))
@@ -59,7 +62,7 @@ def train_local(host: AdapterHost, task: Task, plan: LoraPlan, payload: AdapterS
     lengths = [len(x) for x in data.ids]
     for idx in sample_batches(len(data), steps, min(batch_size, len(data)), rng, lengths):
         batch = to_device(task.batch(data, idx, pad_id), device)
-        with autocast(device, precision):
+        with autocast(device, precision), feeding(prefix_cache, host, plan.ranks, batch):
             loss = task.loss(model, batch)
         if not torch.isfinite(loss):
             raise LocalTrainingError(f"device {plan.device}: loss became {loss.item()} at step {len(losses) + 1}")

@@ -229,6 +229,18 @@ class PrivacyConfig(_Section):
                                "false: from the OS's secret source (a deployment: seeded noise protects nothing)")
 
 
+
+class CacheConfig(_Section):
+    prefix_cache: bool | Literal["auto"] = Field(
+        "auto", description="frozen-prefix cache: reuse each example's hidden states below a device's lowest trained "
+        "layer across rounds (host wall clock only, never virtual time; docs/cache.md); auto: on when examples "
+        "repeat (>= 2 draws each over the run) and their states fit max_mb")
+    max_mb: float = Field(1024.0, gt=0, description="the cache's memory bound (MiB of stored states; least "
+                          "recently used evicted beyond it)")
+    fp16: bool = Field(False, description="store the states in fp16: half the memory, no longer exact "
+                       "(about 1e-3 relative in the states)")
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -238,6 +250,7 @@ class Config(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @model_validator(mode="after")
     def _privacy_fits_method(self) -> "Config":

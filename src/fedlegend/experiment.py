@@ -35,6 +35,7 @@ from .hosts import AdapterHost, build_host
 from .methods import Method, MethodContext, make_method
 from .methods.aggregation import with_zero_residuals
 from .models import build_model
+from .prefix_cache import PrefixCache, cache_for
 from .spec import AdapterState, ModelSpec, inspect_model
 from .lmdata import load_dataset, task_kind
 from .tasks import Task, build_task, check_fits
@@ -69,6 +70,7 @@ class Experiment:
     facts: list[PartitionFacts]
     train: Encoded | None = None            # in-process only: every device's training examples
     parts: list[np.ndarray] | None = None   # in-process only: each device's indices into `train`
+    prefix_cache: PrefixCache | None = None  # frozen-prefix activations (prefix_cache.py; host wall clock only)
 
     def device_data(self, device: int) -> Encoded:
         if self.train is None or self.parts is None:
@@ -92,6 +94,7 @@ class DeviceExperiment:
     data: Encoded
     label_names: list[str]
     pad_id: int
+    prefix_cache: PrefixCache | None = None
 
     def device_data(self, device: int) -> Encoded:
         if device != self.device:
@@ -233,6 +236,8 @@ def build_experiment(cfg: Config) -> Experiment:
     facts = [facts_of(split.train.subset(p), len(split.label_names)) for p in parts]
     exp = build_server(cfg, source, facts, split.test, split.label_names, nominal_width_of(split.train))
     exp.train, exp.parts = split.train, parts
+    exp.prefix_cache = cache_for(cfg.cache, exp.spec.hidden, [len(x) for x in split.train.ids],
+                                 cfg.run.rounds * cfg.train.batch_size * sum(exp.steps))
     return exp
 
 
@@ -249,5 +254,7 @@ def build_device(cfg: Config, device: int, source: ModelSource, data: Encoded, l
     method = make_method(cfg.method.name, method_context(cfg, spec, placeholder, cfg.data.max_length),
                          cfg.method.model_dump())
     host = attach_host(cfg, method, model, spec)
+    steps = local_steps_for(len(data), cfg.train.batch_size, cfg.train.local_steps, cfg.train.local_epochs)
+    cache = cache_for(cfg.cache, host.spec.hidden, [len(x) for x in data.ids], cfg.run.rounds * cfg.train.batch_size * steps)
     return DeviceExperiment(cfg, device, host.spec, host, build_task(task_kind(cfg.data), cfg.data), fleet, data, label_names,
-                            source.pad_id)
+                            source.pad_id, cache)

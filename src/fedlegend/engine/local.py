@@ -239,7 +239,7 @@ def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
         res = train_local(exp.host, exp.task, a.plan, a.payload, exp.device_data(dev), steps=a.steps,
                           batch_size=cfg.train.batch_size, lr=a.lr, rng=device_rng(exp, a), pad_id=exp.pad_id,
                           weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
-                          precision=cfg.run.precision)
+                          precision=cfg.run.precision, prefix_cache=exp.prefix_cache)
     except LocalTrainingError as err:
         rt = exp.fleet.time(dev, a.round, planned_work(exp, a))
         return DeviceFailure(dev, "rejected", str(err), rt.download_s + rt.forward_s + rt.backward_s)

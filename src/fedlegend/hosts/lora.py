@@ -7,6 +7,7 @@ canonical adapter state is described in fedlegend.spec.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -41,6 +42,11 @@ def lora_config(spec: ModelSpec, ranks: Ranks, alpha_over_rank: float, dropout: 
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, lora_dropout=dropout,
                       modules_to_save=[spec.head_module] if spec.has_head else None, bias="none",
                       task_type="CAUSAL_LM" if spec.kind == "decoder" else None)
+
+
+def weight_digest(weight: torch.Tensor) -> str:
+    raw = weight.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()   # any dtype, bf16 too
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
 class LoraHost(AdapterHost):
@@ -107,6 +113,13 @@ class LoraHost(AdapterHost):
             if res is not None and tuple(res.shape) != tuple(w0.shape):
                 raise ValueError(f"{key}: shape {tuple(res.shape)} does not fit the weight {tuple(w0.shape)}")
             weight.copy_(w0 if res is None else w0 + res.to(w0.device, w0.dtype))  # states are CPU tensors
+
+    @torch.no_grad()
+    def frozen_version(self, below: int) -> tuple:
+        """Digests of the frozen weights of layers < `below` that a residual has changed (FLoRA,
+        FedEx-LoRA): a new residual there gives a new version, so the prefix cache recomputes."""
+        return tuple((t.full_name, weight_digest(self._base_linear(t.full_name).weight))
+                     for t in self.spec.targets if t.layer < below and t.full_name in self._w0)
 
     def save_pretrained(self, out_dir: str | Path, state: AdapterState) -> None:
         """Write the global adapter in PEFT format (loadable with PeftModel.from_pretrained)."""
