@@ -12,13 +12,14 @@ import math
 from dataclasses import dataclass
 
 from ..devices import step_work_flops
+from ..errors import UserError
 from ..spec import AdapterState, Ranks
 from .aggregation import DeviceUpdate, layerwise_average, select_layers
 from .base import Aggregated, Estimate, LoraPlan, Method, MethodContext, MethodInfo, RoundView, Skip, assignment
 
 
-class PlanError(ValueError):
-    """A LEGEND setting that admits no valid plan; the message names the fix."""
+class PlanError(UserError, ValueError):
+    """A LEGEND setting that admits no valid plan (a config problem): the message names the fix."""
 
 
 # ---------------------------------------------------------------- pure functions
