@@ -128,5 +128,31 @@ def test_cli_bad_checkpoint_one_line(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path), "--resume", "--quiet", "--rounds", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fedlegend: error: ") and "checkpoint.json: not a readable checkpoint manifest" in err
-    assert err.endswith(f"delete {tmp_path / runner.CHECKPOINT} to start the run afresh (fedlegend run: or add "
-                        "--fresh-on-bad-checkpoint)")
+    assert err.endswith(f"delete {tmp_path / runner.CHECKPOINT} to start the run afresh (or add "
+                        "--fresh-on-bad-checkpoint to fedlegend run / compare --resume)")
+
+
+def test_compare_resume_starts_a_run_with_a_bad_checkpoint_afresh_when_asked(tmp_path, monkeypatch, capsys, cfg_for):
+    """`compare --resume`: a run whose checkpoint manifest is cut short stops the compare with the checkpoint's
+    error; with --fresh-on-bad-checkpoint (the CLI passes it through) that run starts from round 1."""
+    from fedlegend import cli, compare
+    from fedlegend.checkpoint import CheckpointError
+
+    cfg = cfg_for("fedlora", **{"run.rounds": 2})
+    stop_after(monkeypatch, 1)
+    with pytest.raises(Stop):
+        compare.run_compare(cfg, ["fedlora"], [0], tmp_path, progress=False)
+    monkeypatch.undo()
+    ckpt = tmp_path / "fedlora-seed0" / runner.CHECKPOINT
+    (ckpt / "checkpoint.json").write_text('{"kind": "fedlegend-checkpoint", "ver')
+    with pytest.raises(CheckpointError, match="--fresh-on-bad-checkpoint"):
+        compare.run_compare(cfg, ["fedlora"], [0], tmp_path, progress=False, resume=True)
+    rows = compare.run_compare(cfg, ["fedlora"], [0], tmp_path, progress=False, resume=True,
+                               fresh_on_bad_checkpoint=True)
+    assert "starting afresh (--fresh-on-bad-checkpoint)" in capsys.readouterr().err and len(rows) == 1
+    records = (tmp_path / "fedlora-seed0" / "records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in records] == [1, 2] and not ckpt.exists()
+    seen = []
+    monkeypatch.setattr(compare, "run_compare", lambda *args, **kw: seen.append(kw))
+    assert cli.main(["compare", "--out", str(tmp_path), "--resume", "--fresh-on-bad-checkpoint", "--quiet"]) == 0
+    assert seen and seen[0]["resume"] and seen[0]["fresh_on_bad_checkpoint"]

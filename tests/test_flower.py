@@ -15,12 +15,15 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
 
 from fedlegend.config import build_config  # noqa: E402
+from fedlegend.errors import UserError  # noqa: E402
 from fedlegend.engine import flower as fl  # noqa: E402
 from fedlegend.engine.flower import client as fl_client  # noqa: E402
 from fedlegend.engine.flower.flwr_compat import TaskIdentity  # noqa: E402
 from fedlegend.engine.local import finish_round, plan_round, run_device, run_local, status_report  # noqa: E402
 from fedlegend.experiment import build_experiment  # noqa: E402
+from fedlegend.engine.flower import roster as roster_mod  # noqa: E402
 from fedlegend.methods.base import Estimator, LoraPlan  # noqa: E402
+from fedlegend.spec import state_bytes  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -153,7 +156,8 @@ def test_bad_replies_rejected_recorded_global_unchanged(exp, flower_identity):
     assert events == [("malformed", 0), ("rejected", 1), ("dropped", 2), ("unknown-device", 9),
                       ("unknown-node", None)]
     assert "lacks the ArrayRecord 'update'" in rec["events"][0]["detail"] and "NaN" in rec["events"][1]["detail"]
-    assert rec["devices"] == [] and rec["bytes_up"] == 0
+    # the poisoned update went on the wire before it was rejected: its bytes count; the malformed reply had none
+    assert rec["devices"] == [] and rec["bytes_up"] == state_bytes(poisoned.local.state) > 0
     assert rec["round_time_s"] == poisoned.time.total_s    # the server waited for the rejected reply
     assert all(torch.equal(strategy.state[k], g[k]) for k in g)
     assert all(torch.equal(t, torch.from_numpy(arrays[k].numpy())) for k, t in g.items())
@@ -183,6 +187,10 @@ def test_good_reply_aggregates_like_local_engine(exp, flower_identity):
     for k in g:
         torch.testing.assert_close(strategy.state[k], expected.state[k], atol=0, rtol=0)
     assert strategy._outcome.record["devices"] == expected.record["devices"]
+    # the two malformed replies' updates were uploaded too: the record counts the bytes that went on the wire
+    wire = roster_mod.wire_bytes(fl.result_to_content(good, 1))
+    assert wire >= state_bytes(good.local.state) > 0
+    assert strategy._outcome.record["bytes_up"] == expected.record["bytes_up"] + 2 * wire
 
 
 def test_wire_round_trip(exp):
@@ -369,8 +377,7 @@ def test_measured_reply_end_to_end(exp, flower_identity, monkeypatch):
     """Device side stamps its reply; the server turns stamps + its own send/arrival times into the record."""
     strategy = fl.MethodStrategy(exp, status="measured")
     grid = roster_for(strategy, {11: 0, 12: 1, 13: 2})
-    monkeypatch.setattr(fl_client._DEVICE_SIDE, "_key", fl.config_hash(strategy.config_toml))
-    monkeypatch.setattr(fl_client._DEVICE_SIDE, "_exp", exp)
+    monkeypatch.setattr(fl_client._DEVICE_SIDE, "get", lambda *args: exp)   # the in-process experiment plays every node
     msgs = list(strategy.configure_train(1, fl.state_to_record(exp.initial_state), ConfigRecord(), grid=grid))
     timed = fl.TimedGrid(grid)
     strategy._grid = timed
@@ -504,12 +511,16 @@ def assert_same_outputs(a, b):
 
 
 class InProcessGrid(FakeGrid):
-    """A Grid on this process: QUERY replies name each node's device, TRAIN messages run the local
-    engine's run_device on `exp` (fleet status). Push/pull, as TimedGrid drives a deployed Grid."""
+    """A Grid on this process: QUERY replies name each node's device and its partition report (from
+    `exp`, the devices' side in process), TRAIN messages run the local engine's run_device on `exp`
+    (fleet status). Push/pull, as TimedGrid drives a deployed Grid; `sent` keeps every message."""
 
-    def __init__(self, nodes: dict[int, int]):
+    def __init__(self, nodes: dict[int, int], exp=None):
         super().__init__(nodes)
-        self.exp, self.n, self.replies = None, 0, {}
+        self.exp, self.n, self.replies, self.sent = exp, 0, {}, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
     def push_messages(self, messages):
         ids = []
@@ -518,8 +529,10 @@ class InProcessGrid(FakeGrid):
             mid = f"m{self.n}"
             m.metadata.__dict__["_message_id"] = mid
             node = m.metadata.dst_node_id
+            self.sent.append(m)
             if m.metadata.message_type == MessageType.QUERY:
-                content = RecordDict({"reply": ConfigRecord({fl.DEVICE_ID_KEY: self.nodes[node]})})
+                facts = self.exp.facts[self.nodes[node]]
+                content = fl.report_to_content(self.nodes[node], facts.samples, list(facts.label_counts))
             else:
                 a, _ = fl.content_to_assignment(m.content)
                 content = fl.result_to_content(run_device(self.exp, a), a.round)
@@ -534,21 +547,14 @@ class InProcessGrid(FakeGrid):
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
-def grid_engine():
-    """The deployed ServerApp's engine (app.run_on_grid) over an InProcessGrid of 3 devices."""
-    from dataclasses import replace
-
+def grid_engine(cfg):
+    """The deployed ServerApp's engine (app.run_on_grid) over an InProcessGrid of 3 devices, whose
+    data are the in-process partitions of `cfg`."""
     from fedlegend.engine.flower import app
 
-    grid = InProcessGrid({11: 0, 12: 1, 13: 2})
-    engine = app.run_on_grid(grid, 60.0, "fleet")
-
-    def run(exp, **kw):
-        grid.exp = exp
-        return engine.run(exp, **kw)
-
-    assert engine.supports_resume
-    return replace(engine, run=run)
+    engine = app.run_on_grid(InProcessGrid({11: 0, 12: 1, 13: 2}, build_experiment(cfg)), 60.0, "fleet")
+    assert engine.supports_resume and engine.build is not None
+    return engine
 
 
 def test_deployed_engine_resumes_from_its_checkpoint(tmp_path, monkeypatch, flower_identity):
@@ -558,7 +564,7 @@ def test_deployed_engine_resumes_from_its_checkpoint(tmp_path, monkeypatch, flow
     from fedlegend import rundir
 
     cfg = resume_cfg()
-    rundir.run_experiment(cfg, tmp_path / "whole", progress=False, engine=grid_engine())
+    rundir.run_experiment(cfg, tmp_path / "whole", progress=False, engine=grid_engine(cfg))
     assert not (tmp_path / "whole" / rundir.CHECKPOINT).exists()
     real = rundir.save_checkpoint
 
@@ -569,9 +575,9 @@ def test_deployed_engine_resumes_from_its_checkpoint(tmp_path, monkeypatch, flow
 
     with monkeypatch.context() as m, pytest.raises(Stop):   # (monkeypatch.undo would undo flower_identity too)
         m.setattr(rundir, "save_checkpoint", save_then_stop)
-        rundir.run_experiment(cfg, tmp_path / "cut", progress=False, engine=grid_engine())
+        rundir.run_experiment(cfg, tmp_path / "cut", progress=False, engine=grid_engine(cfg))
     assert (tmp_path / "cut" / rundir.CHECKPOINT).exists()
-    rundir.run_experiment(cfg, tmp_path / "cut", progress=False, engine=grid_engine(), resume=True)
+    rundir.run_experiment(cfg, tmp_path / "cut", progress=False, engine=grid_engine(cfg), resume=True)
     assert_same_outputs(run_outputs(tmp_path / "cut"), run_outputs(tmp_path / "whole"))
     assert [__import__("json").loads(l)["round"] for l in (tmp_path / "cut" / "records.jsonl").read_text().splitlines()] == [1, 2, 3]
 
@@ -611,3 +617,96 @@ def test_slow_flower_simulation_resumes_from_checkpoint(tmp_path, monkeypatch):
     rundir.run_experiment(cfg, tmp_path / "cut", progress=False, resume=True)
     assert_same_outputs(run_outputs(tmp_path / "cut"), run_outputs(tmp_path / "whole"))
     assert not (tmp_path / "cut" / rundir.CHECKPOINT).exists()
+
+
+# ------------------------------------------------------------------ device-local data (deployment)
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_device_data_named_by_node_config(tmp_path):
+    """A node names its file (or a demo partition); its labels map onto the server's; bad files and node
+    configs stop with the file, line, field or key."""
+    from fedlegend.device_data import DataSource, DeviceDataError, file_examples, source_from_node_config
+
+    cfg = tiny_cfg()
+    f = write_jsonl(tmp_path / "mine.jsonl", [{"text": "a fine film", "label": "fresh"},
+                                              {"text": "dull", "label": "rotten"}, {"text": "a fine film", "label": "fresh"},
+                                              {"text": "great", "label": "fresh"}])
+    src = source_from_node_config({"device-id": 0, "data-file": str(f)})
+    ds = file_examples(src, cfg, ["rotten", "fresh"])
+    assert ds.texts == ["a fine film", "dull", "great"] and ds.labels == [1, 0, 1]   # duplicate text kept once
+    assert source_from_node_config({"dataset": "rotten-tomatoes", "partition": 2, "num-partitions": 3}) == \
+        DataSource(dataset="rotten-tomatoes", partition=2, num_partitions=3)
+    assert source_from_node_config({"partition-id": 1}, simulated=(1, 3)) == DataSource(partition=1, num_partitions=3)
+    with pytest.raises(DeviceDataError, match="names no training data.*data-file="):
+        source_from_node_config({"device-id": 0})
+    with pytest.raises(DeviceDataError, match="partition=3 is not below num-partitions=3"):
+        source_from_node_config({"dataset": "rotten-tomatoes", "partition": 3, "num-partitions": 3})
+    with pytest.raises(DeviceDataError, match="line 3: field 'label' = 'meh' is not one of the server's labels"):
+        file_examples(source_from_node_config({"data-file": str(write_jsonl(tmp_path / "b.jsonl", [
+            {"text": "x", "label": "fresh"}, {"text": "y", "label": "rotten"}, {"text": "z", "label": "meh"}]))}),
+            cfg, ["rotten", "fresh"])
+    with pytest.raises(DeviceDataError, match=r"lacks column\(s\) \['label'\].*label-column="):
+        file_examples(DataSource(path=str(write_jsonl(tmp_path / "c.jsonl", [{"text": "x", "y": 1}]))), cfg, ["0", "1"])
+    with pytest.raises(UserError, match=r"c2.jsonl, line 2: field 'text' is empty"):
+        file_examples(DataSource(path=str(write_jsonl(tmp_path / "c2.jsonl", [{"text": "x", "label": 1},
+                                                                              {"text": " ", "label": 0}]))), cfg, ["0", "1"])
+    with pytest.raises(DeviceDataError, match="not found on this device"):
+        file_examples(DataSource(path=str(tmp_path / "nope.csv")), cfg, ["0", "1"])
+
+
+def test_node_reports_its_partition_and_nothing_else(tmp_path, flower_identity, monkeypatch):
+    """QUERY with the server's (path-free) config and labels: the node answers its device id, sample count
+    and label histogram only; a node whose file is bad answers why, naming the file and line."""
+    from fedlegend.config import dump_config
+
+    monkeypatch.setattr(fl_client, "_DEVICE_SIDE", fl_client._DeviceSide())
+    cfg = tiny_cfg(**{"data.name": "file", "data.path": "/server/only/test.jsonl"})
+    toml = dump_config(fl.without_data_paths(cfg))
+    assert "/server/only" not in toml and "/server/only" in dump_config(cfg)
+    rows = [{"text": f"snippet number {i}", "label": ["rotten", "fresh"][i % 3 == 0]} for i in range(9)]
+    f = write_jsonl(tmp_path / "dev1.jsonl", rows)
+    ctx = Context(run_id=1, node_id=5, node_config={"device-id": 1, "data-file": str(f)}, state=RecordDict(),
+                  run_config={})
+    query = Message(fl.query_content(3, toml, ["rotten", "fresh"]), dst_node_id=5, message_type=MessageType.QUERY)
+    reply = fl.handle_query(query, ctx).content["reply"]
+    assert dict(reply) == {fl.DEVICE_ID_KEY: 1, "samples": 9, "label-counts": [6, 3]}
+    assert fl.reply_to_report(RecordDict({"reply": reply}), 2) == (1, (9, (6, 3)), None)
+    write_jsonl(f, rows + [{"text": "odd one", "label": "neutral"}])
+    monkeypatch.setattr(fl_client, "_DEVICE_SIDE", fl_client._DeviceSide())
+    reply = fl.handle_query(query, ctx).content["reply"]
+    assert "samples" not in reply and f"{f}, line 10: field 'label' = 'neutral'" in reply["data-error"]
+    roster = fl.build_roster([reply_from(5, RecordDict({"reply": reply}))], 3, {5}, num_labels=2)
+    assert roster.node_device == {} and roster.events[0]["kind"] == "no-data" and "line 10" in roster.events[0]["detail"]
+    bad = RecordDict({"reply": ConfigRecord({fl.DEVICE_ID_KEY: 1, "samples": 9, "label-counts": [6, 2]})})
+    with pytest.raises(fl.MalformedMessage, match="summing to its 9 samples"):
+        fl.reply_to_report(bad, 2)
+
+
+def test_deployed_server_builds_from_reports_and_takes_late_ones(exp, flower_identity):
+    """The deployed ServerApp asks every node before round 1 and builds the method's context from the reports
+    (local steps, label counts); a report that arrives later (a node that joined late) sets that device's steps.
+    The server holds no device's data."""
+    from fedlegend.engine.flower import app
+    from fedlegend.experiment import PartitionFacts
+
+    cfg = tiny_cfg(**{"train.local_steps": 0, "train.local_epochs": 0.5})
+    devices = build_experiment(cfg)      # the devices' side, in process
+    grid = InProcessGrid({11: 0, 12: 1, 13: 2}, devices)
+    server, roster, events = app.discover(grid, cfg, node_wait_s=0)
+    assert events == [] and server.train is None and server.facts == devices.facts
+    assert server.steps == devices.steps and len(set(server.steps)) > 1      # epochs: steps follow the sample counts
+    assert server.method.ctx.label_counts == tuple(f.label_counts for f in devices.facts)
+    with pytest.raises(RuntimeError, match="no device's data"):
+        server.device_data(0)
+    q = grid.sent[0].content["query"]
+    assert q["labels"] == devices.label_names and "path" not in fl.config_from_toml(q["config"]).data.model_dump(
+        exclude_none=True)
+    strategy = fl.MethodStrategy(server, send_data_paths=False, roster=roster)
+    roster.reports[2] = PartitionFacts(40, (10, 30))
+    late = strategy._take_reports()
+    assert server.steps[2] == 5 and [e["kind"] for e in late] == ["report"] and "40 samples" in late[0]["detail"]

@@ -96,7 +96,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
         raise UserError(f"--seeds {a.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
     cfg = load_config(a.config, _overrides(a), preset=a.preset)
     print(f"fedlegend compare: {', '.join(methods)} x seeds {seeds} -> {a.out}", file=sys.stderr)
-    run_compare(cfg, methods, seeds, a.out, target=a.target, progress=not a.quiet, resume=a.resume)
+    run_compare(cfg, methods, seeds, a.out, target=a.target, progress=not a.quiet, resume=a.resume,
+                fresh_on_bad_checkpoint=a.fresh_on_bad_checkpoint)
     print(f"outputs in {a.out}/: summary.csv table.md fig7/8/11/12(/13) PNGs, one folder per run")
     return 0
 
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--resume", action="store_true",
                       help="reuse runs in --out that finished with the same config and continue unfinished ones "
                            "from their last round (after an interruption)")
+    cmp_.add_argument("--fresh-on-bad-checkpoint", action="store_true",
+                      help="with --resume: a run whose checkpoint is corrupt, truncated or foreign is reported and "
+                      "starts afresh (default: stop with an error naming the file)")
     _add_common(cmp_)
     cmp_.set_defaults(func=cmd_compare)
     certs = sub.add_parser("certs", help="TLS certificates for a Flower federation (a private CA + SuperLink cert) "

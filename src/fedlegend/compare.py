@@ -22,10 +22,13 @@ CSV_FIELDS = ["method", "seed", "target_accuracy", "final_accuracy", "time_to_ta
 
 
 def run_compare(cfg: Config, methods: list[str], seeds: list[int], out_dir: str | Path,
-                target: float | None = None, progress: bool = True, resume: bool = False) -> list[dict]:
+                target: float | None = None, progress: bool = True, resume: bool = False,
+                fresh_on_bad_checkpoint: bool = False) -> list[dict]:
     """Every method on every seed; with resume, a run whose folder holds a finished run of the
     same config is read back instead of run again, and an unfinished one continues from its
-    last round's checkpoint (a long compare survives an interruption)."""
+    last round's checkpoint (a long compare survives an interruption). A corrupt or foreign
+    checkpoint stops the compare with its error, or with fresh_on_bad_checkpoint is reported and
+    that run starts afresh."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -36,7 +39,8 @@ def run_compare(cfg: Config, methods: list[str], seeds: list[int], out_dir: str 
             run_cfg.method.name = m
             run_cfg.run.seed = seed
             done = finished_run(out / f"{m}-seed{seed}", run_cfg) if resume else None
-            summaries[m] = done or run_experiment(run_cfg, out / f"{m}-seed{seed}", progress=progress, resume=resume)
+            summaries[m] = done or run_experiment(run_cfg, out / f"{m}-seed{seed}", progress=progress, resume=resume,
+                                                  fresh_on_bad_checkpoint=fresh_on_bad_checkpoint)
         rows.extend(rows_for_seed(out, seed, summaries, target))
     write_outputs(out, rows, methods, seeds)
     return rows

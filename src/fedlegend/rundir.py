@@ -76,7 +76,7 @@ def save_checkpoint(path: Path, cfg: Config, snap: Snapshot, wall_clock_s: float
 
 
 def _bad(path: Path, why: str) -> CheckpointError:
-    err = CheckpointError(f"{why}; delete {path} to start the run afresh (fedlegend run: or add {FRESH_FLAG})")
+    err = CheckpointError(f"{why}; delete {path} to start the run afresh (or add {FRESH_FLAG} to fedlegend run / compare --resume)")
     err.why = why
     return err
 
@@ -164,7 +164,7 @@ def run_experiment(cfg: Config, out_dir: str | Path, progress: bool = True,
         extra = {"resume": found[0] if found else None,
                  "on_snapshot": lambda s: save_checkpoint(ckpt, cfg, s, earlier_s + time.perf_counter() - start)}
     (out / "config.toml").write_text(dump_config(cfg))
-    exp = build_experiment(cfg)
+    exp = (engine.build or build_experiment)(cfg)   # a deployed server builds from its devices' reports
     write_partitions(out / "partitions.json", exp)
     writer = RecordWriter(out / "records.jsonl")
     try:

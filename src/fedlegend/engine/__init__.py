@@ -15,6 +15,7 @@ class Engine:
     name: str
     run: Callable
     supports_resume: bool = False   # run(..., resume=Snapshot | None, on_snapshot=callback)
+    build: Callable | None = None   # cfg -> Experiment; None: experiment.build_experiment (everything in process)
 
 
 def _run_local(*args, **kwargs):

@@ -95,11 +95,13 @@ class DeviceResult:
 @dataclass(frozen=True)
 class DeviceFailure:
     """A device that returned no usable update; `kind` goes into the round's events ("rejected",
-    "dropped", ...), `time_s` is the virtual time at which the server learns of it (None: unknown)."""
+    "dropped", ...), `time_s` is the virtual time at which the server learns of it (None: unknown),
+    `bytes_up` what its reply put on the wire anyway (an update refused before decoding)."""
     device: int
     kind: str
     detail: str
     time_s: float | None = None
+    bytes_up: int = 0
 
 
 @dataclass
@@ -174,11 +176,13 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
             continue
         seen_at.extend([t] if t is not None else [])
         if isinstance(reply, DeviceFailure):
+            bytes_up += reply.bytes_up  # a refused upload still went on the wire
             events.append({"device": dev, "kind": reply.kind, "detail": reply.detail, "time_s": t})
             continue
         try:
             check_update(reply.local.state, trained_part(a.payload, a.plan), a.plan)
         except UpdateRejected as err:
+            bytes_up += state_bytes(reply.local.state)  # uploaded, then rejected: the traffic is spent
             events.append({"device": dev, "kind": "rejected", "detail": str(err), "time_s": t})
             continue
         reports.append(reply.report)

@@ -28,11 +28,13 @@ _EXPORTS = {
     "wire": ("DEVICE_ID_KEY", "PARTITION_ID_KEY", "TIME_KEYS", "REPORT_KEYS", "STATUS_MODES", "STAMP_KEYS",
              "MalformedMessage", "state_to_record", "record_to_state", "config_hash", "config_from_toml",
              "assignment_to_content", "content_to_assignment", "result_to_content", "content_to_result",
-             "worker_of", "reply_to_device_id"),
+             "worker_of", "reply_to_device_id", "content_labels", "query_content", "content_to_query",
+             "report_to_content", "reply_to_report"),
     "timing": ("ForwardTimer", "measured_round_time", "measured_stamps", "TimedGrid"),
-    "client": ("device_id_of", "handle_train", "handle_query", "make_client_app"),
+    "client": ("device_id_of", "source_of", "handle_train", "handle_query", "make_client_app"),
     "roster": ("Roster", "build_roster", "collect_replies"),
-    "strategy": ("MethodStrategy",),
+    "strategy": ("MethodStrategy", "without_data_paths", "wait_for_nodes", "query_nodes"),
+    "app": ("discover", "run_on_grid"),
     "simulation": ("make_server_app", "simulate", "run_flower"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

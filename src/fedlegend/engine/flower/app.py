@@ -15,7 +15,11 @@ Run config keys (pyproject [tool.flwr.app.config], or `flwr run --run-config`):
               (a checkpoint is saved after every round and removed when the run ends)
   fresh-on-bad-checkpoint  true: a corrupt or foreign checkpoint is reported and the run starts
               afresh (default false: the ServerApp stops with the checkpoint's error)
-Each SuperNode plays the device named by its node config: --node-config 'device-id=N'.
+Each SuperNode plays the device named by its node config and trains on the data it names there
+(device_data.py): --node-config 'device-id=N data-file="/data/mine.jsonl"'. The ServerApp first
+asks every node for its partition report (sample count, label histogram), then builds the
+method's context from the reports; its own config's data.* is its test set (the test split of
+that dataset or file, on the server's machine); devices are sent no data path.
 """
 
 from __future__ import annotations
@@ -23,20 +27,59 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ...config import load_config
+from logging import INFO, WARNING
+
+from ...config import Config, load_config
+from ...experiment import Experiment, PartitionFacts, build_server, load_model_source, load_split, nominal_width_of
 from .. import Engine
 from .client import make_client_app
-from .strategy import MethodStrategy
+from .flwr_compat import log
+from .roster import Roster
+from .strategy import MethodStrategy, query_nodes, wait_for_nodes, without_data_paths
 
 client_app = make_client_app()
 server_app = ServerApp()
 
 
-def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured", rejoin_wait_s: float = 30.0):
-    """An engine for rundir.run_experiment: the rounds over `grid`'s SuperNodes; it resumes from a
-    snapshot (the run folder's checkpoint) and hands one out after every round."""
+def discover(grid: Grid, cfg: Config, node_wait_s: float = 120.0,
+             query_timeout_s: float = 600.0) -> tuple[Experiment, Roster, list[dict]]:
+    """The deployed server side: its test set and model, and the method's context from the devices'
+    partition reports. Waits (up to node_wait_s) for the fleet's nodes and asks each for its device
+    id and report; a device without a report yet plans with zero samples until one arrives."""
+    from ...config import dump_config
+
+    source = load_model_source(cfg)
+    split = load_split(cfg, source)   # the server's own data: its test split is the test set
+    n, labels = cfg.fleet.devices, split.label_names
+    roster = Roster()
+    events = query_nodes(grid, roster, wait_for_nodes(grid, n, node_wait_s), n,
+                         dump_config(without_data_paths(cfg)), labels, query_timeout_s)
+    missing = [d for d in range(n) if d not in roster.reports]
+    if missing:
+        log(WARNING, "fedlegend: no partition report from devices %s yet; they plan with 0 samples until one arrives",
+            missing)
+        events += [{"device": d, "kind": "no-report", "detail": "no partition report before round 1"} for d in missing]
+    facts = [roster.reports.get(d, PartitionFacts(0, (0,) * len(labels))) for d in range(n)]
+    log(INFO, "fedlegend: partition reports (samples) %s", [f.samples for f in facts])
+    # FLOP budgets' typical width from the server's own test set: the devices' texts never leave them
+    return build_server(cfg, source, facts, split.test, labels, nominal_width_of(split.test)), roster, events
+
+
+def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured", rejoin_wait_s: float = 30.0,
+                node_wait_s: float = 120.0):
+    """An engine for rundir.run_experiment: the rounds over `grid`'s SuperNodes, on the devices' own
+    data (its `build` asks them for their reports); it resumes from a snapshot (the run folder's
+    checkpoint) and hands one out after every round."""
+    found: dict = {}
+
+    def build(cfg: Config) -> Experiment:
+        found["exp"], found["roster"], found["events"] = discover(grid, cfg, node_wait_s, round_timeout_s)
+        return found["exp"]
+
     def engine(exp, on_record=None, progress=False, resume=None, on_snapshot=None):
-        strategy = MethodStrategy(exp, None, status=status, resume=resume, on_snapshot=on_snapshot)
+        strategy = MethodStrategy(exp, None, status=status, resume=resume, on_snapshot=on_snapshot,
+                                  send_data_paths=False, roster=found.get("roster"))
+        strategy._pending_events = list(found.get("events", []))
         strategy.rejoin_wait_s = rejoin_wait_s
         for rec in strategy.records:   # the rounds before the checkpoint, replayed as run_local does
             if on_record:
@@ -45,7 +88,7 @@ def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured", re
         if strategy.offset < exp.cfg.run.rounds:
             strategy.run(grid, round_timeout_s)
         return strategy.state, strategy.records
-    return Engine("flower-grid", engine, supports_resume=True)
+    return Engine("flower-grid", engine, supports_resume=True, build=build)
 
 
 @server_app.main()

@@ -8,11 +8,16 @@ isolation="process" (the default here): each SuperNode runs `--isolation process
 one long-lived fedlegend worker (worker.py) that runs its ClientApp tasks,
 so the model is loaded once per device, not once per message. isolation="subprocess":
 Flower's default, a fresh `flwr-clientapp` process per message.
+
+Each SuperNode names its own data in its node config (`node_data`, device -> keys of
+device_data.py: data-file, or dataset + partition + num-partitions for a demo partition);
+`demo_partitions` and `write_device_files` make them for a localhost run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -72,6 +77,45 @@ def write_flwr_config(workdir: Path, port: int, certs: Path | None) -> Path:
 ISOLATIONS = ("process", "subprocess")
 
 
+def node_config_arg(dev: int, data: dict | None = None) -> str:
+    """`--node-config` of device `dev`'s SuperNode: its device id and the keys naming its data."""
+    values = {"device-id": dev, **(data or {})}
+    # TOML values: strings quoted (JSON's escapes are TOML's), integers bare
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else int(v)}" for k, v in values.items())
+
+
+def demo_partitions(dataset: str, devices: int, seed: int = 0) -> dict[int, dict]:
+    """Node data for a localhost demo: device i plays seeded partition i of registered `dataset`'s training split."""
+    return {d: {"dataset": dataset, "partition": d, "num-partitions": devices, "partition-seed": seed}
+            for d in range(devices)}
+
+
+def write_device_files(config: Path, devices: int, folder: Path) -> dict[int, dict]:
+    """Node data for a localhost run from `config`'s own data: its training split's seeded partitions (as a
+    simulation cuts them), written as one JSONL file per device (folder/device-I.jsonl); the server keeps
+    the test split. Labels are written by name, so each file maps onto the server's labels."""
+    from ...config import load_config
+    from ...data import split_train_test
+    from ...datasets import resolve_dataset
+    from ...experiment import Encoded, device_partitions
+
+    import numpy as np
+
+    cfg = load_config(config)
+    ds = resolve_dataset(cfg.data.name, cfg.data.path, cfg.data.text_column, cfg.data.label_column)
+    train_idx, _ = split_train_test(ds, cfg.data.test_size)
+    labels = np.asarray([ds.labels[i] for i in train_idx], dtype=np.int64)
+    parts = device_partitions(cfg, Encoded([[]] * len(labels), labels), devices)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for d, part in enumerate(parts):
+        path = folder / f"device-{d}.jsonl"
+        rows = ({"text": ds.texts[train_idx[i]], "label": ds.label_names[ds.labels[train_idx[i]]]} for i in part)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out[d] = {"data-file": str(path.resolve())}
+    return out
+
+
 @dataclass
 class LocalFederation:
     workdir: Path
@@ -83,6 +127,7 @@ class LocalFederation:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     node_ports: dict[int, int] = field(default_factory=dict)
     node_ids: dict[int, int] = field(default_factory=dict)  # device -> node id the SuperLink registered (auth)
+    node_data: dict[int, dict] = field(default_factory=dict)  # device -> its node config's data keys
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATIONS:
@@ -151,7 +196,7 @@ class LocalFederation:
         sn = self._start(f"supernode{dev}", ["flower-supernode", *tls_args(self.certs, False),
                                              *self.auth_args(dev), "--superlink", f"127.0.0.1:{self.port}",
                                              "--port", str(node_port), "--isolation", self.isolation,
-                                             "--node-config", f"device-id={dev}"])
+                                             "--node-config", node_config_arg(dev, self.node_data.get(dev))])
         if worker:
             self.start_worker(dev)
         if wait:
@@ -164,9 +209,12 @@ class LocalFederation:
         if self.isolation != "process":
             return
         node_port = self.node_ports.setdefault(dev, free_port())
+        data = self.node_data.get(dev) or {}
+        check = ["--check-data", data["data-file"]] if "data-file" in data else []
+        check += [arg for key in ("text-column", "label-column") if key in data for arg in (f"--{key}", data[key])]
         self._start(f"worker{dev}", [sys.executable, "-m", "fedlegend.engine.flower.worker",
                                      "--runtime-api-address", f"127.0.0.1:{node_port}", "--insecure",
-                                     "--preload", "fedlegend.engine.flower.app"],
+                                     "--preload", "fedlegend.engine.flower.app", *check],
                     {"OMP_NUM_THREADS": str(self.threads_per_worker)})
 
     def auth_args(self, dev: int) -> list[str]:

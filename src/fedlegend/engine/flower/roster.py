@@ -7,10 +7,11 @@ from typing import Iterable
 
 from flwr.app import Message
 
+from ...experiment import PartitionFacts
 from ...methods.base import max_update_bytes, trained_part
 from ..local import DeviceFailure, DeviceResult, RoundPlan
 from .flwr_compat import ErrorCode
-from .wire import MalformedMessage, content_to_result, reply_to_device_id
+from .wire import MalformedMessage, content_to_result, reply_to_report
 
 
 @dataclass
@@ -20,13 +21,15 @@ class Roster:
     A node is asked once, when it first shows up. A node that names a device already served by
     a connected node waits (`waiting`) and takes the device over when that node leaves; nodes
     whose answer was unusable are not asked again (`refused`). Estimates are keyed by device, so
-    they follow a device across restarts whatever node id it comes back with.
+    they follow a device across restarts whatever node id it comes back with. `reports`: the
+    latest partition report (PartitionFacts) each device's node sent with its answer.
     """
     node_device: dict[int, int] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
     waiting: dict[int, int] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)
     served: set[int] = field(default_factory=set)  # devices some node has played in this run
+    reports: dict[int, PartitionFacts] = field(default_factory=dict)
 
     def node_of(self, device: int) -> int | None:
         return next((n for n, d in self.node_device.items() if d == device), None)
@@ -34,8 +37,11 @@ class Roster:
     def known(self) -> set[int]:
         return set(self.node_device) | set(self.waiting) | self.refused
 
-    def admit(self, replies: Iterable[Message], num_devices: int, asked: set[int]) -> list[dict]:
-        """Take in QUERY replies; returns (and keeps in .events) what went wrong or changed."""
+    def admit(self, replies: Iterable[Message], num_devices: int, asked: set[int],
+              num_labels: int | None = None) -> list[dict]:
+        """Take in QUERY replies; returns (and keeps in .events) what went wrong or changed. With
+        `num_labels`, a reply's partition report is checked against it and kept in `reports`; a node
+        that says it has no usable data ("data-error") is refused with its reason."""
         events: list[dict] = []
         asked = set(asked)
         for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
@@ -49,10 +55,14 @@ class Roster:
                                "detail": f"node {node} failed to name its device: {msg.error.reason}"})
                 continue
             try:
-                dev = reply_to_device_id(msg.content)
+                dev, report, data_error = reply_to_report(msg.content, num_labels)
             except MalformedMessage as err:
                 self.refused.add(node)
                 events.append({"device": None, "kind": "unknown-node", "detail": f"node {node}: {err}"})
+                continue
+            if data_error is not None:
+                self.refused.add(node)
+                events.append({"device": dev, "kind": "no-data", "detail": f"node {node}: {data_error}"})
                 continue
             if not 0 <= dev < num_devices:
                 self.refused.add(node)
@@ -65,6 +75,8 @@ class Roster:
                                          "it takes over if that node leaves"})
             else:
                 self._assign(node, dev, events)
+                if report is not None:
+                    self.reports[dev] = PartitionFacts(*report)
         for node in sorted(asked):
             self.refused.add(node)
             events.append({"device": None, "kind": "unknown-node", "detail": f"node {node} did not answer"})
@@ -96,11 +108,21 @@ class Roster:
         return events
 
 
-def build_roster(replies: Iterable[Message], num_devices: int, asked: set[int]) -> Roster:
+def build_roster(replies: Iterable[Message], num_devices: int, asked: set[int],
+                 num_labels: int | None = None) -> Roster:
     """Accept each node's device id once; unknown, duplicate or unreadable ids are events."""
     roster = Roster()
-    roster.admit(replies, num_devices, asked)
+    roster.admit(replies, num_devices, asked, num_labels)
     return roster
+
+
+def wire_bytes(content) -> int:
+    """Bytes of the tensor buffers a reply's "update" record carried, whether or not they decode."""
+    rec = content.get("update") if hasattr(content, "get") else None
+    try:
+        return sum(len(a.data) for a in rec.values()) if rec is not None else 0
+    except (AttributeError, TypeError):
+        return 0
 
 
 def collect_replies(replies: Iterable[Message], roster: Roster, rp: RoundPlan, sent: dict[int, int],
@@ -138,5 +160,5 @@ def collect_replies(replies: Iterable[Message], roster: Roster, rp: RoundPlan, s
                                                max_update_bytes(trained_part(a.payload, a.plan)))
             messages[dev] = msg
         except (MalformedMessage, ValueError, TypeError) as err:
-            by_device[dev] = DeviceFailure(dev, "malformed", str(err))
+            by_device[dev] = DeviceFailure(dev, "malformed", str(err), bytes_up=wire_bytes(msg.content))
     return by_device, events, messages

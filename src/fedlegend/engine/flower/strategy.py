@@ -18,14 +18,37 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from ...config import dump_config
-from ...experiment import Experiment
+from ...config import Config, dump_config
+from ...experiment import Experiment, steps_per_device
 from ...spec import AdapterState, state_bytes
 from ..local import DeviceFailure, DeviceResult, RoundOutcome, RoundPlan, Server, Snapshot, status_report
 from .flwr_compat import log
 from .roster import Roster, collect_replies
 from .timing import TimedGrid, measured_round_time, measured_stamps
-from .wire import STATUS_MODES, MalformedMessage, assignment_to_content, state_to_record, worker_of
+from .wire import STATUS_MODES, MalformedMessage, assignment_to_content, query_content, state_to_record, worker_of
+
+
+def without_data_paths(cfg: Config) -> Config:
+    """The config a deployed server sends its devices: every device names its own data, so no path."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": None})})
+
+
+def wait_for_nodes(grid: Grid, num_devices: int, wait_s: float) -> list[int]:
+    """The connected nodes, once there are `num_devices` of them or `wait_s` has passed."""
+    deadline = time.monotonic() + wait_s
+    while len(nodes := sorted(grid.get_node_ids())) < num_devices and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log(INFO, "fedlegend: %d nodes for %d devices", len(nodes), num_devices)
+    return nodes
+
+
+def query_nodes(grid: Grid, roster: Roster, nodes: list[int], num_devices: int, config_toml: str,
+                labels: list[str], timeout: float) -> list[dict]:
+    """Ask `nodes` which device each plays and for its partition report; the roster takes the answers."""
+    query = [Message(query_content(num_devices, config_toml, labels), dst_node_id=node, message_type=MessageType.QUERY)
+             for node in nodes]
+    replies = grid.send_and_receive(query, timeout=timeout)
+    return roster.admit(replies, num_devices, set(nodes), len(labels))
 
 
 class MethodStrategy(Strategy):
@@ -40,15 +63,22 @@ class MethodStrategy(Strategy):
     With `resume` (a Snapshot) the server continues after the snapshot's round: Flower counts the
     remaining rounds from 1, and Flower's round r is our round `offset + r`. `on_snapshot` gets the
     server's state after every closed round (the run folder saves it as a checkpoint).
+
+    Devices are sent the config and the label names of the server's test set. `send_data_paths`
+    False (deployment): the config goes without data.path, each device trains on the data its node
+    names, and a device's partition report that arrives later than the first (a node that joined or
+    came back) sets its local steps. True (simulation): each node partitions the run's dataset.
+    `roster`: nodes already asked (a deployed server asks them before it builds the experiment).
     """
 
     def __init__(self, exp: Experiment, on_record: Callable[[dict], None] | None = None,
                  node_wait_s: float = 120.0, status: str = "fleet", poll_s: float = 0.2,
-                 resume: Snapshot | None = None, on_snapshot: Callable[[Snapshot], None] | None = None) -> None:
+                 resume: Snapshot | None = None, on_snapshot: Callable[[Snapshot], None] | None = None,
+                 send_data_paths: bool = True, roster: Roster | None = None) -> None:
         if status not in STATUS_MODES:
             raise ValueError(f"status must be one of {STATUS_MODES}, not {status!r}")
         self.exp = exp
-        self.config_toml = dump_config(exp.cfg)
+        self.config_toml = dump_config(exp.cfg if send_data_paths else without_data_paths(exp.cfg))
         self.on_record = on_record
         self.node_wait_s = node_wait_s
         self.status = status
@@ -56,7 +86,8 @@ class MethodStrategy(Strategy):
         self.server = Server(exp, resume)
         self.offset = self.server.round   # rounds done before this Flower run (resume)
         self.on_snapshot = on_snapshot
-        self.roster = Roster()
+        self.roster = roster or Roster()
+        self.connected = roster is not None
         self.workers: dict[int, int] = {}  # worker process id -> model builds it reported (load once each)
         self.query_timeout_s = 600.0
         self.clock_mismatch = 0  # measured replies whose stamps disagreed with the server's clock
@@ -80,21 +111,33 @@ class MethodStrategy(Strategy):
 
     # -- discovery
     def _query(self, grid: Grid, nodes: list[int]) -> list[dict]:
-        n = len(self.exp.fleet)
-        query = [Message(RecordDict({"query": ConfigRecord({"num-devices": n})}), dst_node_id=node,
-                         message_type=MessageType.QUERY) for node in nodes]
-        replies = grid.send_and_receive(query, timeout=self.query_timeout_s)
-        return self.roster.admit(replies, n, set(nodes))
+        events = query_nodes(grid, self.roster, nodes, len(self.exp.fleet), self.config_toml, self.exp.label_names,
+                             self.query_timeout_s)
+        return events + self._take_reports()
+
+    def _take_reports(self) -> list[dict]:
+        """Partition reports that differ from what the experiment was built with: a deployed server takes
+        them (the device's local steps follow its sample count; the method's context stays as built);
+        in process, where the server built every partition itself, a difference is only recorded."""
+        exp, events = self.exp, []
+        for dev, facts in sorted(self.roster.reports.items()):
+            if facts == exp.facts[dev]:
+                continue
+            if exp.train is None:
+                exp.facts[dev], exp.steps[dev] = facts, steps_per_device(exp.cfg, [facts])[0]
+                events.append({"device": dev, "kind": "report", "detail": f"device {dev} reports {facts.samples} "
+                               f"samples (labels {list(facts.label_counts)}); {exp.steps[dev]} local steps a round"})
+            else:
+                events.append({"device": dev, "kind": "report", "detail": f"device {dev} reports {facts}, "
+                               f"the server's partition is {exp.facts[dev]}; kept the server's"})
+        return events
 
     def connect(self, grid: Grid, timeout: float) -> Roster:
         """Wait for the fleet's nodes (up to node_wait_s), then ask each which device it plays."""
-        n = len(self.exp.fleet)
         self.query_timeout_s = timeout
-        deadline = time.monotonic() + self.node_wait_s
-        while len(nodes := sorted(grid.get_node_ids())) < n and time.monotonic() < deadline:
-            time.sleep(0.5)
-        log(INFO, "fedlegend: %d nodes for %d devices", len(nodes), n)
+        nodes = wait_for_nodes(grid, len(self.exp.fleet), self.node_wait_s)
         self._pending_events = self._query(grid, nodes)
+        self.connected = True
         return self.roster
 
     # between rounds, how long to wait for a device whose node left (a restarting SuperNode) to come back;
@@ -141,8 +184,8 @@ class MethodStrategy(Strategy):
             if node is None:
                 continue  # no node plays this device: finish_round records it as dropped
             self._sent[dev] = node
-            self._messages[dev] = Message(assignment_to_content(a, self.config_toml, self.status), dst_node_id=node,
-                                          message_type=MessageType.TRAIN, group_id=str(round_))
+            self._messages[dev] = Message(assignment_to_content(a, self.config_toml, self.status, self.exp.label_names),
+                                          dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_))
         return list(self._messages.values())
 
     def _measured(self, dev: int, res: DeviceResult, reply: Message, grid: TimedGrid | None) -> DeviceResult:
@@ -214,6 +257,8 @@ class MethodStrategy(Strategy):
 
     def run(self, grid: Grid, timeout: float) -> None:
         self._grid = TimedGrid(grid, self.poll_s)
-        self.connect(self._grid, timeout)
+        self.query_timeout_s = timeout
+        if not self.connected:
+            self.connect(self._grid, timeout)
         self.start(self._grid, state_to_record(self.state), num_rounds=self.exp.cfg.run.rounds - self.offset,
                    timeout=timeout, evaluate_fn=self.evaluate_round)

@@ -1,9 +1,12 @@
 """The Flower engine's wire format: what a device is sent and what it answers (pure functions).
 
 Keys of the RecordDicts:
-  TRAIN  server -> node: "payload" ArrayRecord, "plan" ConfigRecord
+  TRAIN  server -> node: "payload" ArrayRecord, "plan" ConfigRecord (with the config, without data paths,
+                         and the label names of the server's test set)
          node -> server: "update" ArrayRecord, "metrics" MetricRecord, "reply" ConfigRecord
-  QUERY  server -> node: "query" ConfigRecord;  node -> server: "reply" ConfigRecord (device-id)
+  QUERY  server -> node: "query" ConfigRecord (num-devices, config, labels)
+         node -> server: "reply" ConfigRecord: device-id and the device's partition report (samples,
+                         label-counts: all it says about its data), or data-error (why it has none)
 A measured reply's "metrics" also carry STAMP_KEYS (timing.py); a simulated device's, the
 worker process it ran in ("worker-pid", "worker-builds"). A device that fails answers only a
 "reply" with status "failed", its "detail", "kind" (FAILURE_KINDS) and, if known, "time-s": the
@@ -92,9 +95,11 @@ def config_from_toml(config_toml: str) -> Config:
     return build_config(tomllib.loads(config_toml), source="the server's config")
 
 
-def assignment_to_content(a: Dispatch, config_toml: str, status: str = "fleet") -> RecordDict:
-    """What one device receives: its adapter slice, its plan, and the experiment's config."""
-    plan = ConfigRecord({DEVICE_ID_KEY: a.device, "round": a.round, "status": status, "layers": a.plan.layers,
+def assignment_to_content(a: Dispatch, config_toml: str, status: str = "fleet",
+                          labels: list[str] | None = None) -> RecordDict:
+    """What one device receives: its adapter slice, its plan, the experiment's config and (if given)
+    the server's label names, onto which a device maps its own data's labels."""
+    plan = ConfigRecord({**({"labels": list(labels)} if labels else {}),DEVICE_ID_KEY: a.device, "round": a.round, "status": status, "layers": a.plan.layers,
                          "ranks": [a.plan.ranks[l] for l in a.plan.layers], "lr": float(a.lr), "steps": a.steps,
                          "frozen": ",".join(a.plan.frozen),   # e.g. FFA-LoRA's lora_A
                          # the wire size the server's method decided (FLoRA: stacks, not dense weights)
@@ -162,6 +167,68 @@ def content_to_assignment(content: RecordDict) -> tuple[Dispatch, str]:
                  Assignment(lora, payload, state_bytes(payload) if down < 0 else down),
                  _count(_get(plan, "steps", int, "plan"), "plan's steps"), lr)
     return a, config_toml
+
+
+def content_labels(content: RecordDict, record: str = "plan") -> list[str] | None:
+    """The server's label names in a TRAIN plan (or a QUERY's "query"); None if it names none."""
+    rec = content.get(record) if isinstance(content, RecordDict) else None
+    if not isinstance(rec, ConfigRecord) or "labels" not in rec:
+        return None
+    labels = _get(rec, "labels", list, record)
+    if len(labels) < 2 or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
+        raise MalformedMessage(f"{record}'s labels must be two or more distinct names, got {labels!r}")
+    return list(labels)
+
+
+def query_content(num_devices: int, config_toml: str | None = None, labels: list[str] | None = None) -> RecordDict:
+    """The QUERY a server sends a new node: which device do you play, and what is your partition?"""
+    q = {"num-devices": num_devices}
+    if config_toml is not None:
+        q.update({"config": config_toml, "config-hash": config_hash(config_toml)})
+    if labels:
+        q["labels"] = list(labels)
+    return RecordDict({"query": ConfigRecord(q)})
+
+
+def content_to_query(content: RecordDict) -> tuple[str | None, list[str] | None]:
+    """(config TOML, label names) of a QUERY; (None, None) from a server that asks only for the device id."""
+    q = _record(content, "query", ConfigRecord)
+    if "config" not in q:
+        return None, None
+    config_toml = _get(q, "config", str, "query")
+    if _get(q, "config-hash", str, "query") != config_hash(config_toml):
+        raise MalformedMessage("query's config does not match its hash")
+    return config_toml, content_labels(content, "query")
+
+
+def report_to_content(device: int, samples: int | None = None, label_counts: list[int] | None = None,
+                      error: str | None = None) -> RecordDict:
+    """A node's QUERY reply: its device id and partition report (or why it has no data)."""
+    reply: dict = {DEVICE_ID_KEY: device}
+    if error is not None:
+        reply["data-error"] = error
+    elif samples is not None:
+        reply.update({"samples": int(samples), "label-counts": [int(c) for c in label_counts or []]})
+    return RecordDict({"reply": ConfigRecord(reply)})
+
+
+def reply_to_report(content: RecordDict, num_labels: int | None
+                    ) -> tuple[int, tuple[int, tuple[int, ...]] | None, str | None]:
+    """(device id, (samples, label counts) or None, data error or None) of a QUERY reply; MalformedMessage
+    if the report is inconsistent (counts of another label set, or not summing to the samples).
+    `num_labels` None: the device id (and a data error) only."""
+    reply = _record(content, "reply", ConfigRecord)
+    dev = _get(reply, DEVICE_ID_KEY, int, "reply")
+    if "data-error" in reply:
+        return dev, None, str(_get(reply, "data-error", str, "reply"))
+    if "samples" not in reply or num_labels is None:
+        return dev, None, None
+    samples = _count(_get(reply, "samples", int, "reply"), "reply's samples", low=1)
+    counts = _int_list(reply, "label-counts", "reply")
+    if len(counts) != num_labels or sum(counts) != samples:
+        raise MalformedMessage(f"reply's label-counts {counts} are not {num_labels} counts summing to its "
+                               f"{samples} samples")
+    return dev, (samples, tuple(counts)), None
 
 
 def result_to_content(res: DeviceResult | DeviceFailure, round_: int, extra: dict | None = None) -> RecordDict:

@@ -282,7 +282,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds a task's Runtime API call retries transient errors before the worker gives up on it")
     p.add_argument("--preload", action="append", default=[], metavar="MODULE",
                    help="import MODULE before serving (e.g. fedlegend.engine.flower.app), so the first task starts warm")
+    p.add_argument("--check-data", metavar="FILE",
+                   help="this device's data file (its node config's data-file): checked before serving; a file that "
+                        "cannot be used stops the worker with the file, line and field")
+    p.add_argument("--text-column", default="text", help="with --check-data: the text column (node config text-column)")
+    p.add_argument("--label-column", default="label",
+                   help="with --check-data: the label column (node config label-column)")
     a = p.parse_args(argv)
+    if a.check_data:
+        from ...device_data import DataSource, check_source
+        from ...errors import UserError
+
+        try:
+            check_source(DataSource(path=a.check_data), a.text_column, a.label_column)
+        except UserError as err:
+            print(f"fedlegend worker: error: {err}", file=sys.stderr)
+            return 2
+        log(INFO, "fedlegend worker: data file %s checked", a.check_data)
     for module in a.preload:
         importlib.import_module(module)
     certificates = validate_and_resolve_root_certificates(a.root_certificates, a.insecure)
