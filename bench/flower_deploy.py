@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlegend.engine.flower.federation import ISOLATIONS, LocalFederation, flwr_env, free_port
+from fedlegend.engine.flower.federation import ISOLATIONS, LocalFederation, flwr_env, free_port, write_device_files
 
 
 def main() -> None:
@@ -52,7 +52,9 @@ def main() -> None:
         certs = wd / "certs"
         write_certs(certs, supernodes=a.devices)
     out = wd / "out"
-    fed = LocalFederation(wd, free_port(), certs, a.isolation, auth=a.tls_auth)
+    # each SuperNode trains on its own file: the default data's training partitions, one file per device
+    fed = LocalFederation(wd, free_port(), certs, a.isolation, auth=a.tls_auth,
+                          node_data=write_device_files(cfg, a.devices, wd / "data"))
     stamps: dict[int, float] = {}
     parts: dict[tuple[int, int], list[float]] = {}  # (round, device) -> measured download, forward, backward, upload
     try:

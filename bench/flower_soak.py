@@ -34,7 +34,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fedlegend.engine.flower.federation import LocalFederation, free_port
+from fedlegend.engine.flower.federation import LocalFederation, free_port, write_device_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def run_soak(workdir: Path, config_toml: str, devices: int = 3, rounds: int = 10
     cfg.write_text(config_toml)
     out = workdir / "out"
     rng = random.Random(seed)
-    fed = LocalFederation(workdir, free_port())
+    fed = LocalFederation(workdir, free_port(), node_data=write_device_files(cfg, devices, workdir / "data"))
     restarts: list[dict] = []
     result: dict = {}
     t0 = time.monotonic()

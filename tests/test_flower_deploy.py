@@ -2,7 +2,9 @@
 
 test_deployed_federation (default suite, about a minute on 2 idle cores): TLS, SuperNode
 authentication (registered keys; an unregistered key is refused), measured status, a tiny
-random BERT and a small text file, so that what is measured is the federation, not the model.
+random BERT, so that what is measured is the federation, not the model. Each SuperNode trains on
+its own file (one CSV, two JSONL; different sizes and label mixes, cut from the packaged Rotten
+Tomatoes training split); the server evaluates on that dataset's test split and never sees a path.
 Every component runs under a known PID and is stopped at the end, also when the test fails.
 
 Opt-in (FEDLEGEND_DEPLOY_TEST=1): the same federation without TLS, on the real default model
@@ -21,7 +23,7 @@ import time
 
 import pytest
 
-from fedlegend.engine.flower.federation import LocalFederation, free_port
+from fedlegend.engine.flower.federation import LocalFederation, demo_partitions, free_port, write_device_files
 
 WORDS = {1: "good great fine lovely superb moving clever charming".split(),
          0: "bad awful dull boring clumsy tedious weak messy".split()}
@@ -79,17 +81,48 @@ def lora_b_norms(out) -> list[float]:
     return [float(t.norm()) for k, t in state.items() if "lora_B" in k]
 
 
+SIZES = (24, 36, 52)   # examples in each device's own file
+
+
+def write_own_files(folder, sizes=SIZES):
+    """Device i's file: the next sizes[i] examples of Rotten Tomatoes' training split (never its test split),
+    labels by name; device 0 a CSV holding one label only, the others JSONL. Returns node data and histograms."""
+    import pandas as pd
+
+    from fedlegend.data import split_train_test
+    from fedlegend.datasets import resolve_dataset
+
+    ds = resolve_dataset("rotten-tomatoes")
+    train, _ = split_train_test(ds, 40)
+    only_rotten = [i for i in train if ds.labels[i] == 0]
+    node_data, hists, start = {}, [], 0
+    for dev, n in enumerate(sizes):
+        idx = only_rotten[:n] if dev == 0 else train[len(only_rotten) + start:len(only_rotten) + start + n]
+        start += n
+        rows = pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]})
+        path = folder / (f"device-{dev}.csv" if dev == 0 else f"device-{dev}.jsonl")
+        rows.to_csv(path, index=False) if dev == 0 else rows.to_json(path, orient="records", lines=True)
+        node_data[dev] = {"data-file": str(path)}
+        hists.append([int((rows["label"] == name).sum()) for name in ds.label_names])
+    return node_data, hists
+
+
 def test_deployed_federation(tmp_path, tiny_assets):
-    """TLS + SuperNode auth + measured status: plans differ per device, the adapter changes, records written."""
+    """TLS + SuperNode auth + measured status, each device on its own file: the run completes on the devices'
+    reported sample counts (their local steps follow them), plans differ per device, the adapter changes."""
     from fedlegend.engine.flower.certs import write_certs
 
     t0 = time.perf_counter()
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text(tiny_toml(*tiny_assets))
+    # the server's data: the packaged dataset, whose test split is its test set (no device file is named here)
+    cfg.write_text(tiny_toml(*tiny_assets).replace('name = "file"\npath', 'name = "rotten-tomatoes"\n# path')
+                   .replace("local_steps = 2", "local_steps = 0\nlocal_epochs = 0.5"))
+    (tmp_path / "own").mkdir()
+    node_data, hists = write_own_files(tmp_path / "own")
     out = tmp_path / "out"
     certs = tmp_path / "certs"
     write_certs(certs, supernodes=4)  # supernode-3 stays unregistered
-    fed = LocalFederation(tmp_path, free_port(), certs, auth=True)
+    fed = LocalFederation(tmp_path, free_port(), certs, auth=True, node_data=node_data)
     pids: dict[str, int] = {}
     try:
         fed.start(devices=3)
@@ -115,6 +148,11 @@ def test_deployed_federation(tmp_path, tiny_assets):
     recs = read_records(out)
     assert [r["round"] for r in recs] == [1, 2]
     assert all(r["events"] == [] and sorted(d["id"] for d in r["devices"]) == [0, 1, 2] for r in recs)
+    parts = json.loads((out / "partitions.json").read_text())     # what the devices reported, nothing else
+    assert parts["sizes"] == list(SIZES) and parts["label_histograms"] == hists and hists[0][1] == 0
+    steps = [-(-n // 8) for n in SIZES]                              # half an epoch of batches of 4
+    assert all({d["id"]: d["samples"] for d in r["devices"]} == {i: 4 * s for i, s in enumerate(steps)} for r in recs)
+    assert str(tmp_path / "own") not in (tmp_path / "superlink.log").read_text(errors="replace")
     plans = {d["id"]: (tuple(d["layers"]), tuple(d["ranks"])) for d in recs[1]["devices"]}
     assert len(set(plans.values())) > 1, plans                       # LEGEND planned each device its own way
     rows = [d for r in recs for d in r["devices"]]
@@ -136,7 +174,7 @@ def test_slow_deployed_federation_restart(tmp_path):
     cfg.write_text("[fleet]\ndevices = 3\n[run]\nrounds = 3\neval_every = 1\n[train]\nlocal_steps = 1\n"
                    "batch_size = 4\n[data]\neval_subset = 32\n")
     out = tmp_path / "out"
-    fed = LocalFederation(tmp_path, free_port())
+    fed = LocalFederation(tmp_path, free_port(), node_data=demo_partitions("rotten-tomatoes", 3, seed=0))
     pids: dict[str, int] = {}
     try:
         fed.start(devices=3)
