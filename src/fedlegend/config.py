@@ -274,7 +274,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
+        if not e["loc"]:   # a check across sections ([privacy] vs the method): its message names the fields
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key; check the spelling (see configs/default.toml for every key)")
         else:
             lines.append(f"  {field}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
