@@ -60,6 +60,9 @@ def right_padded(lengths, vocab=100, seed=0, labels="class"):
     for i, n in enumerate(lengths):
         ids[i, :n] = torch.randint(3, vocab, (n,), generator=g)
         mask[i, :n] = 1
+    if labels == "lm-left":     # the LM tasks' batches (data.collate_lm): left padding, positions of real tokens
+        from fedlegend.data import collate_lm
+        return collate_lm([ids[i, :n].tolist() for i, n in enumerate(lengths)], [n // 2 for n in lengths], 0)
     lab = torch.tensor([i % 2 for i in range(len(lengths))]) if labels == "class" else ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
@@ -71,8 +74,8 @@ def loss_and_grads(model, batch, trained):
     return loss.detach(), [p.grad.clone() for p in trained]
 
 
-@pytest.mark.parametrize("build,labels", [(tiny_bert, "class"), (tiny_mpnet, "class"), (tiny_llama, "lm")],
-                         ids=["bert", "mpnet", "llama"])
+@pytest.mark.parametrize("build,labels", [(tiny_bert, "class"), (tiny_mpnet, "class"), (tiny_llama, "lm"),
+                                          (tiny_llama, "lm-left")], ids=["bert", "mpnet", "llama", "llama-left"])
 @pytest.mark.parametrize("boundary", [1, 3])
 def test_cached_forward_equals_uncached(build, labels, boundary):
     """Layers < boundary frozen, the rest trained: same loss and gradients cached and uncached, also
@@ -105,7 +108,9 @@ def test_layer_zero_and_left_padding_bypass_the_cache():
     with cache.feeding(host, {0: 4, 3: 4}, batch):     # an adapter on layer 0: nothing is frozen below it
         model(**batch)
     left = {k: v.flip(1) if k != "labels" else v for k, v in batch.items()}
-    assert split_examples(left) is None                 # left padding shifts positions: not cacheable
+    assert split_examples(left) is None                 # left padding without position_ids: not cacheable
+    with_pos = {**left, "position_ids": (left["attention_mask"].cumsum(1) - 1).clamp(min=0)}
+    assert [tuple(e["input_ids"].shape) for e in split_examples(with_pos)] == [(1, 4), (1, 6)]
     with cache.feeding(host, {2: 4}, left):
         model(**left)
     assert cache.stats.bypassed == 2 and len(cache) == 0

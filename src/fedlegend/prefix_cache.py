@@ -13,8 +13,8 @@ derive masks, rotary and relative position terms from its output's shape).
 
 Exactness (what makes a cached run the same computation as an uncached one):
 - States are stored per example, unpadded, and computed for each example alone (batch 1, no
-  padding). With right padding and an attention mask a real token's state is the same whatever
-  the batch's width and neighbours (pads are masked keys, positions are 0..n-1), so the re-padded
+  padding). With an attention mask a real token's state is the same whatever the batch's width
+  and neighbours (pads are masked keys, positions are 0..n-1), so the re-padded
   batch is the uncached one up to float rounding (different matmul shapes; about 1e-7
   relative). Computing each example alone makes a stored state a pure function of its key,
   so a run gives the same bits whatever the cache held before: after eviction, a --resume,
@@ -26,8 +26,10 @@ Exactness (what makes a cached run the same computation as an uncached one):
   and fewer dropout masks are drawn above it, so cached and uncached runs then differ.
 - `fp16 = true` stores states in half precision: half the memory, no longer exact (about 1e-3
   relative in the states).
-Batches the cache cannot split per example (no attention mask, left padding, 3-d inputs) and
-layouts with an adapter on layer 0 run uncached. Only host wall clock changes: the cost model
+Batches are split by their attention mask: right padding, or left padding with explicit
+position_ids (the LM tasks' batches: positions then count real tokens, whatever the width).
+Batches it cannot split per example (no attention mask, left padding without position_ids, 3-d
+inputs) and layouts with an adapter on layer 0 run uncached. Only host wall clock changes: the cost model
 prices the full forward from the batch shapes either way.
 """
 
@@ -75,19 +77,33 @@ def layer_list(model: nn.Module, num_layers: int) -> tuple[nn.Module, str, nn.Mo
     return model.get_submodule(owner_name) if owner_name else model, attr, found[0][1]
 
 
-def split_examples(batch: dict) -> list[dict[str, torch.Tensor]] | None:
-    """Each example's model inputs without its padding (labels left out: they never change a hidden
-    state), or None when the batch cannot be split so: no 2-d input_ids / attention_mask, padding
-    not on the right (a left pad shifts positions), an empty example, or a non-tensor input."""
+def real_spans(batch: dict) -> list[tuple[int, int]] | None:
+    """(start, length) of each row's real tokens, or None when the batch cannot be split per example:
+    no 2-d input_ids / attention_mask, a row whose tokens are not one block, an empty row, or left
+    padding without explicit position_ids (the model would then count positions from the pads)."""
     ids, mask = batch.get("input_ids"), batch.get("attention_mask")
     if not (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor)) or ids.dim() != 2 \
             or mask.shape != ids.shape:
         return None
-    n_rows, width = ids.shape
     lengths = mask.sum(1)
-    right_padded = torch.arange(width, device=mask.device)[None, :] < lengths[:, None]
-    if int(lengths.min()) == 0 or not torch.equal(mask.bool(), right_padded):
+    starts = mask.ne(0).int().argmax(1)          # the first real token
+    cols = torch.arange(ids.shape[1], device=mask.device)[None, :]
+    block = (cols >= starts[:, None]) & (cols < (starts + lengths)[:, None])
+    if int(lengths.min()) == 0 or not torch.equal(mask.bool(), block):
         return None
+    if int(starts.max()) > 0 and "position_ids" not in batch:
+        return None
+    return list(zip(starts.tolist(), lengths.tolist()))
+
+
+def split_examples(batch: dict, spans: list[tuple[int, int]] | None = None) -> list[dict[str, torch.Tensor]] | None:
+    """Each example's model inputs without its padding (labels left out: they never change a hidden
+    state), or None when the batch cannot be split so (real_spans) or holds a non-tensor input.
+    Right padding, or left padding with position_ids (the LM tasks' batches), both split."""
+    spans = real_spans(batch) if spans is None else spans
+    if spans is None:
+        return None
+    n_rows, width = batch["input_ids"].shape
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(n_rows)]
     for k, v in batch.items():
         if k == "labels":
@@ -95,8 +111,8 @@ def split_examples(batch: dict) -> list[dict[str, torch.Tensor]] | None:
         if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n_rows:
             return None
         per_token = v.dim() >= 2 and v.shape[1] == width
-        for i, n in enumerate(lengths.tolist()):
-            out[i][k] = v[i : i + 1, :n] if per_token else v[i : i + 1]
+        for i, (start, n) in enumerate(spans):
+            out[i][k] = v[i : i + 1, start : start + n] if per_token else v[i : i + 1]
     return out
 
 
@@ -220,7 +236,8 @@ class PrefixCache:
         """Within this context the host's model runs `batch` from the cached states at the layout's
         lowest layer; outside it (or where the cache cannot apply) the model is untouched."""
         boundary = min(ranks) if ranks else 0
-        examples = split_examples(batch) if boundary > 0 else None
+        spans = real_spans(batch) if boundary > 0 else None
+        examples = split_examples(batch, spans) if spans is not None else None
         if examples is None:
             self.stats.bypassed += 1
             yield
@@ -229,8 +246,8 @@ class PrefixCache:
         states = self.states_for(host, boundary, examples, layers)
         width = batch["input_ids"].shape[1]
         padded = states[0].new_zeros((len(states), width, states[0].shape[-1]))
-        for i, s in enumerate(states):
-            padded[i, : s.shape[0]] = s
+        for i, ((start, n), s) in enumerate(zip(spans, states)):
+            padded[i, start : start + n] = s
 
         def feed(module, args, kwargs):
             given = args[0] if args else kwargs["hidden_states"]
