@@ -257,4 +257,4 @@ def build_device(cfg: Config, device: int, source: ModelSource, data: Encoded, l
     steps = local_steps_for(len(data), cfg.train.batch_size, cfg.train.local_steps, cfg.train.local_epochs)
     cache = cache_for(cfg.cache, host.spec.hidden, [len(x) for x in data.ids], cfg.run.rounds * cfg.train.batch_size * steps)
     return DeviceExperiment(cfg, device, host.spec, host, build_task(task_kind(cfg.data), cfg.data), fleet, data, label_names,
-                            source.pad_id, cache)
+                            source.pad_id, prefix_cache=cache)
