@@ -710,3 +710,15 @@ def test_deployed_server_builds_from_reports_and_takes_late_ones(exp, flower_ide
     roster.reports[2] = PartitionFacts(40, (10, 30))
     late = strategy._take_reports()
     assert server.steps[2] == 5 and [e["kind"] for e in late] == ["report"] and "40 samples" in late[0]["detail"]
+
+
+def test_worker_checks_its_data_file_at_start(tmp_path, capsys):
+    """`worker --check-data FILE`: an unusable file stops the worker before it serves, with one line naming
+    the file, line and field."""
+    from fedlegend.engine.flower import worker
+
+    bad = write_jsonl(tmp_path / "mine.jsonl", [{"text": "fine", "label": "fresh"}, {"text": "", "label": "rotten"}])
+    assert worker.main(["--runtime-api-address", "127.0.0.1:1", "--check-data", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"fedlegend worker: error: {bad}, line 2: field 'text' is empty; give every example its text "
+                   "or delete that line")

@@ -54,6 +54,8 @@ def discover(grid: Grid, cfg: Config, node_wait_s: float = 120.0,
     roster = Roster()
     events = query_nodes(grid, roster, wait_for_nodes(grid, n, node_wait_s), n,
                          dump_config(without_data_paths(cfg)), labels, query_timeout_s)
+    for e in events:   # e.g. a node whose file is unusable: its message names the file, line and field
+        log(WARNING, "fedlegend: %s: %s", e["kind"], e["detail"])
     missing = [d for d in range(n) if d not in roster.reports]
     if missing:
         log(WARNING, "fedlegend: no partition report from devices %s yet; they plan with 0 samples until one arrives",
