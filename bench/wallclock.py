@@ -9,7 +9,8 @@ Cases (each in a fresh process, so its peak RSS is its own):
   default     the default `fedlegend run` (LEGEND, MiniLM-L6, 6 devices), --rounds rounds (default 36: all)
   devices80   the default setting with 80 devices, --rounds-80 rounds (default 3), extrapolated to 36 rounds
   mem10 / mem80 / mem500   peak RSS at 10 / 80 / 500 devices: --mem-rounds rounds (default 2) of ONE local
-              step per device (memory grows with the fleet and the layouts, not with the step count)
+              step of batch 1 per device, 64 test examples (memory grows with the fleet: partitions,
+              per-device updates, records, layouts; not with the step count or batch: cheap to run)
 The split comes from light instrumentation (the engine's functions wrapped with timers in this
 process; nothing in the package changes): setup (build_experiment: data, tokenization, model),
 training (run_device: local training plus the cost model), evaluation (evaluate), planning and
@@ -104,7 +105,8 @@ def cases(a) -> dict[str, dict]:
     out = {"default": {**base, "run.rounds": a.rounds},
            "devices80": {**base, "fleet.devices": 80, "run.rounds": a.rounds_80}}
     for n in (10, 80, 500):
-        out[f"mem{n}"] = {**base, "fleet.devices": n, "run.rounds": a.mem_rounds, "train.local_steps": 1}
+        out[f"mem{n}"] = {**base, "fleet.devices": n, "run.rounds": a.mem_rounds, "train.local_steps": 1,
+                          "train.batch_size": 1, "data.eval_subset": 64}
     return out
 
 
