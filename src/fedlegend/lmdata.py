@@ -172,8 +172,20 @@ def file_columns(path: str) -> set[str]:
     p = Path(path)
     if not p.is_file():
         raise AssetError(f"data.path {p} not found; give a CSV or JSONL file")
-    rows = _table_rows(p)
-    return set(rows[0][1]) if rows else set()
+    if p.suffix.lower() in (".jsonl", ".json"):
+        with open(p, encoding="utf-8", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            obj = json.loads(first) if first else {}
+        except json.JSONDecodeError:
+            return set()   # not ours to judge here: the reader of the file names the bad line
+        return set(obj) if isinstance(obj, dict) else set()
+    import pandas as pd
+
+    try:
+        return set(pd.read_csv(p, sep="\t" if p.suffix.lower() == ".tsv" else ",", nrows=0).columns)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        return set()
 
 
 def read_prompt_answer(path: str, prompt_column: str, answer_column: str, task: str) -> LMDataset:
