@@ -274,6 +274,19 @@ def test_auto_turns_the_cache_on_where_examples_repeat():
     assert not pays(visits_per_example=12.0, working_set_bytes=2048 * 2**20, max_bytes=1024 * 2**20)
 
 
+def test_cache_for_settings():
+    from fedlegend.config import CacheConfig
+    from fedlegend.prefix_cache import cache_for
+
+    lengths = [30] * 100
+    assert cache_for(CacheConfig(), 384, lengths, draws=1000) is not None            # auto, 10 draws each
+    assert cache_for(CacheConfig(), 384, lengths, draws=100) is None                 # 1 draw each: no reuse
+    assert cache_for(CacheConfig(), 384, lengths, draws=1000, dropout=0.1) is None   # auto keeps dropout exact
+    assert cache_for(CacheConfig(prefix_cache=True), 384, lengths, draws=100, dropout=0.1) is not None
+    assert cache_for(CacheConfig(prefix_cache=False), 384, lengths, draws=1000) is None
+    assert cache_for(CacheConfig(max_mb=1.0), 384, lengths, draws=1000) is None      # 4.4 MB do not fit 1 MB
+
+
 def test_no_prefix_cache_flag():
     from fedlegend.cli import _add_common, _overrides
     import argparse

@@ -234,7 +234,8 @@ class CacheConfig(_Section):
     prefix_cache: bool | Literal["auto"] = Field(
         "auto", description="frozen-prefix cache: reuse each example's hidden states below a device's lowest trained "
         "layer across rounds (host wall clock only, never virtual time; docs/cache.md); auto: on when examples "
-        "repeat (>= 2 draws each over the run) and their states fit max_mb")
+        "repeat (>= 2 draws each over the run), their states fit max_mb and model.dropout = 0 (true: also with "
+        "dropout, then the frozen layers run without it)")
     max_mb: float = Field(1024.0, gt=0, description="the cache's memory bound (MiB of stored states; least "
                           "recently used evicted beyond it)")
     fp16: bool = Field(False, description="store the states in fp16: half the memory, no longer exact "

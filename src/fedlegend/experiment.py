@@ -237,7 +237,7 @@ def build_experiment(cfg: Config) -> Experiment:
     exp = build_server(cfg, source, facts, split.test, split.label_names, nominal_width_of(split.train))
     exp.train, exp.parts = split.train, parts
     exp.prefix_cache = cache_for(cfg.cache, exp.spec.hidden, [len(x) for x in split.train.ids],
-                                 cfg.run.rounds * cfg.train.batch_size * sum(exp.steps))
+                                 cfg.run.rounds * cfg.train.batch_size * sum(exp.steps), cfg.model.dropout)
     return exp
 
 
@@ -255,6 +255,7 @@ def build_device(cfg: Config, device: int, source: ModelSource, data: Encoded, l
                          cfg.method.model_dump())
     host = attach_host(cfg, method, model, spec)
     steps = local_steps_for(len(data), cfg.train.batch_size, cfg.train.local_steps, cfg.train.local_epochs)
-    cache = cache_for(cfg.cache, host.spec.hidden, [len(x) for x in data.ids], cfg.run.rounds * cfg.train.batch_size * steps)
+    cache = cache_for(cfg.cache, host.spec.hidden, [len(x) for x in data.ids], cfg.run.rounds * cfg.train.batch_size * steps,
+                      cfg.model.dropout)
     return DeviceExperiment(cfg, device, host.spec, host, build_task(task_kind(cfg.data), cfg.data), fleet, data, label_names,
                             source.pad_id, prefix_cache=cache)

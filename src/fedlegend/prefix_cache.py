@@ -134,13 +134,14 @@ def pays(visits_per_example: float, working_set_bytes: float, max_bytes: float) 
     return visits_per_example >= 2.0 and working_set_bytes <= max_bytes
 
 
-def cache_for(settings, hidden: int, lengths: list[int], draws: float) -> "PrefixCache | None":
+def cache_for(settings, hidden: int, lengths: list[int], draws: float, dropout: float = 0.0) -> "PrefixCache | None":
     """The cache of a run (config section [cache]: prefix_cache, max_mb, fp16), or None when it is off.
     `lengths`: token counts of the examples this process trains on; `draws`: how many examples the
-    run draws from them (rounds x steps x batch size), for "auto"."""
+    run draws from them (rounds x steps x batch size), for "auto". "auto" never turns it on with
+    dropout (model.dropout > 0): the prefix would then train without dropout; `true` opts in."""
     if settings.prefix_cache == "auto":
         working_set = sum(lengths) * hidden * (2 if settings.fp16 else 4)
-        if not pays(draws / max(len(lengths), 1), working_set, settings.max_mb * MB):
+        if dropout > 0 or not pays(draws / max(len(lengths), 1), working_set, settings.max_mb * MB):
             return None
     elif not settings.prefix_cache:
         return None
