@@ -2,9 +2,10 @@
 
 A tiny random Llama (4 blocks, hidden 64, grouped-query attention 4 heads / 2 kv heads, gated MLP,
 a 64-word vocabulary) stands in for SmolLM2 here; the real SmolLM2 conversion is the slow test at
-the end. The training loss is a minimal next-token loss of this file (the LM tasks of
-fedlegend.tasks are tested in their own files), so these tests check the model, host, method and
-export path on a decoder only.
+the end. The runs use the generation task (fedlegend.tasks.generation: loss on the answer, greedy
+generation scored by its final number) on a prompt/answer file of random words; the tasks
+themselves are tested in their own files, these tests check the model, host, method and export
+path on a decoder.
 """
 
 from __future__ import annotations
@@ -16,20 +17,19 @@ import numpy as np
 import pytest
 import torch
 
-from fedlegend.data import collate
 from fedlegend.errors import ModelError, UserError
 from fedlegend.methods import METHODS
 from fedlegend.methods.base import Estimator
-from fedlegend.tasks import Score, Task
 
-WORDS = [f"w{i}" for i in range(61)]
+WORDS = [f"w{i}" for i in range(51)]
+DIGITS = [str(i) for i in range(10)]
 
 
 def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS, *DIGITS])}   # 64 tokens
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     # like Llama's: bos and eos, no pad token
@@ -58,43 +58,22 @@ def llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def word_file(tmp_path_factory):
-    """Two kinds of word sequences (even / odd words), labelled, so partitions have label counts."""
+    """Prompt/answer pairs: a few random words, answered by how many there are (a one-digit number)."""
     rng = random.Random(0)
-    rows = [{"text": " ".join(rng.choice(WORDS[y::2]) for _ in range(rng.randint(4, 10))), "label": "ab"[y]}
-            for y in (0, 1) for _ in range(60)]
-    p = tmp_path_factory.mktemp("words") / "words.jsonl"
+    rows = []
+    for _ in range(120):
+        words = rng.sample(WORDS, rng.randint(2, 9))
+        rows.append({"prompt": " ".join(words), "answer": str(len(words))})
+    p = tmp_path_factory.mktemp("words") / "count.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p
-
-
-class NextToken(Task):
-    """Minimal causal-LM task: next-token loss on every real token, accuracy of the next-token argmax."""
-    name = "next-token"
-
-    def encode(self, tokenizer, ds, idx, max_length):   # not used here (the experiment encodes), for the contract
-        raise NotImplementedError
-
-    def batch(self, data, idx, pad_id):
-        b = collate([data.ids[i] for i in idx], data.labels[idx], pad_id)
-        # pad = eos for Llama tokenizers: the labels come from the attention mask, never from ids == pad_id
-        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
-        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
-
-    def loss(self, model, batch):
-        return model(**batch).loss
-
-    @torch.no_grad()
-    def score(self, model, data, batch_size, pad_id):
-        b = self.batch(data, np.arange(len(data)), pad_id)
-        out = model(**b)
-        hit = (out.logits[:, :-1].argmax(-1) == b["labels"][:, 1:])[b["labels"][:, 1:] != -100]
-        return Score(float(hit.float().mean()), float(out.loss))
 
 
 def _decoder_cfg(tiny_cfg, llama_dir, word_file, **over):
     return tiny_cfg(**{"model.name": "local", "model.path": str(llama_dir), "data.name": "file",
                        "data.path": str(word_file), "data.test_size": 20, "data.max_length": 16,
-                       "train.local_steps": 2, "train.lr": 0.02, **over})
+                       "data.max_new_tokens": 2, "data.eval_subset": 10, "partition.kind": "iid",
+                       "train.local_steps": 1, "train.lr": 0.02, **over})
 
 
 # ------------------------------------------------------------------ model, spec, assets
@@ -233,7 +212,7 @@ def _reload_and_generate(exp, state, adapter_dir, base_dir):
     model.eval()
     with torch.no_grad():
         got = model(input_ids=ids).logits
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              pad_token_id=2)
     assert out.shape == (1, ids.shape[1] + 4)
     return got, want
@@ -245,8 +224,7 @@ def test_every_method_trains_aggregates_and_exports_on_a_decoder(name, tiny_cfg,
     from fedlegend.experiment import build_experiment
 
     exp = build_experiment(_decoder_cfg(tiny_cfg, llama_dir, word_file, **{"method.name": name}))
-    exp.task = NextToken()
-    assert exp.spec.kind == "decoder"
+    assert exp.spec.kind == "decoder" and exp.task.name == "generation"
     assert not any(k.startswith("head.") for k in exp.initial_state)       # lm_head stays frozen
     est, state = Estimator(exp.method.info.rho), exp.initial_state
     for round_ in (1, 2):        # round 2 plans from the devices' status reports (LEGEND: depths adapt)
