@@ -224,8 +224,8 @@ def test_a_new_residual_below_the_boundary_invalidates(tiny_bert):
 # ---------------------------------------------------------------- whole runs, cached vs uncached
 @pytest.fixture(scope="module")
 def small_file(tmp_path_factory):
-    """100 real Rotten Tomatoes snippets: 3 devices of ~27 examples, 8 steps of 4 a round: every example
-    is drawn more than once a round, so even FedRA's random layer sets meet cached states."""
+    """60 real Rotten Tomatoes snippets (20 held out): 3 devices of ~13 examples, 4 steps of 4 a round:
+    examples are drawn again within a round, so even FedRA's random layer sets meet cached states."""
     import csv
 
     from fedlegend.datasets import resolve_dataset
@@ -234,7 +234,7 @@ def small_file(tmp_path_factory):
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
-        for i in range(100):
+        for i in range(60):
             w.writerow([ds.texts[i], ds.label_names[ds.labels[i]]])
     return path
 
@@ -252,7 +252,7 @@ def run_method(cfg):
 @pytest.mark.parametrize("method", ["legend", "fedra", "hierfedlora", "fedadapter"])
 def test_cached_run_equals_uncached_run(method, small_file, tiny_cfg):
     over = {"method.name": method, "data.name": "file", "data.path": str(small_file), "data.test_size": 20,
-            "data.eval_subset": 20, "run.rounds": 3, "run.eval_every": 2, "train.local_steps": 8,
+            "data.eval_subset": 20, "run.rounds": 3, "run.eval_every": 2, "train.local_steps": 4,
             "method.fedadapter.trial_rounds": 2, "method.hierfedlora.min_depth": 1}
     exp_on, state_on, rec_on = run_method(tiny_cfg(**over, **{"cache.prefix_cache": True}))
     exp_off, state_off, rec_off = run_method(tiny_cfg(**over, **{"cache.prefix_cache": False}))
