@@ -226,6 +226,8 @@ class PrefixCache:
                 self.stats.misses += 1
                 states = self._compute(host.model, layers[boundary], ex)
                 self._put(key, states)
+                if self.fp16:       # used as stored, so a first use equals every later one
+                    states = states.half().to(states.dtype)
             else:
                 self.stats.hits += 1
             out.append(states)
