@@ -38,8 +38,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", help="a local Hugging Face model folder")
     p.add_argument("--model-kind", choices=["auto", "encoder", "decoder"],
                    help="with --model local: auto (default: config.json's architectures decide), encoder or decoder")
-    p.add_argument("--data", help="rotten-tomatoes (default) or file (with --data-path)")
-    p.add_argument("--data-path", help="a CSV or JSONL file with text and label columns")
+    p.add_argument("--data", help="rotten-tomatoes (default), trec, vitaminc, mmlu, math, or file (with --data-path)")
+    p.add_argument("--data-path", help="a CSV or JSONL file: text and label columns (a second text column for "
+                   "pairs), or prompt and answer columns")
     p.add_argument("--engine", choices=["local", "flower"], help="local loop (default) or Flower's simulation engine")
     p.add_argument("--device", help="auto (default: the first CUDA GPU when one is visible, else the CPU), cpu, "
                    "cuda or cuda:N")
