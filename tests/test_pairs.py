@@ -221,3 +221,23 @@ def test_real_vitaminc_when_downloaded(minilm_tokenizer):
     assert np.bincount(ds.labels).tolist() == [27242, 20169, 7257]
     enc = Classification().encode(minilm_tokenizer, ds, range(32), max_length=128)
     assert all(ids.count(minilm_tokenizer.sep_token_id) == 2 and 1 in t for ids, t in zip(enc.ids, enc.type_ids))
+
+
+def test_a_device_reads_the_pairs_of_its_own_file(tmp_path, tiny_cfg):
+    """Deployment: a SuperNode's own pair file keeps its second text (data.text_pair_column), and a file
+    without that column stops with the file and the key to set."""
+    from fedlegend.device_data import DataSource, DeviceDataError, load_device_data
+    from fedlegend.experiment import load_model_source
+
+    p = tmp_path / "mine.jsonl"
+    p.write_text("".join(json.dumps({"evidence": f"quote number {i}", "claim": f"claim {i}", "label": i % 3}) + "\n"
+                         for i in range(12)))
+    cfg = tiny_cfg(**{"data.name": "file", "data.text_column": "evidence", "data.text_pair_column": "claim"})
+    source = load_model_source(cfg)
+    data, labels = load_device_data(DataSource(path=str(p)), cfg, source, ["0", "1", "2"])
+    assert labels == ["0", "1", "2"] and len(data) == 12 and data.labels.tolist() == [i % 3 for i in range(12)]
+    assert data.type_ids is not None and all(ids.count(source.tokenizer.sep_token_id) == 2 for ids in data.ids)
+    single = tmp_path / "single.jsonl"
+    single.write_text(json.dumps({"evidence": "a quote", "label": 0}) + "\n")
+    with pytest.raises(DeviceDataError, match=r"single\.jsonl.*claim.*text_pair_column"):
+        load_device_data(DataSource(path=str(single)), cfg, source, ["0", "1", "2"])

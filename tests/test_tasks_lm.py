@@ -403,3 +403,24 @@ def test_lm_presets_name_a_decoder_and_fit_legends_rank_ramp():
         assert cfg.data.eval_subset is not None and cfg.data.max_length <= 192     # sized for a 2-core CPU
         ranks = rank_distribution(30, cfg.method.legend.rank_budget, cfg.method.legend.rank_step)
         assert ranks[0] >= 1 and ranks[-1] > ranks[0]                               # SmolLM2's 30 blocks
+
+
+def test_a_device_reads_its_own_prompt_answer_file(lm_run_inputs, tiny_cfg):
+    """Deployment: the server pins the task kind in the config it sends (a device never sees the server's
+    file, which 'auto' reads), and a device's own prompt/answer file is encoded as the server's would be."""
+    from fedlegend.device_data import DataSource, load_device_data
+    from fedlegend.engine.flower.strategy import without_data_paths
+    from fedlegend.experiment import encode_examples, load_model_source
+    from fedlegend.lmdata import load_dataset
+
+    model, gen, _ = lm_run_inputs
+    cfg = tiny_cfg(**{"model.name": "local", "model.path": str(model), "data.name": "file", "data.path": str(gen),
+                      "data.max_length": 96})
+    sent = without_data_paths(cfg)
+    assert sent.data.path is None and sent.data.task == "generation" and cfg.data.task == "auto"
+    source = load_model_source(sent)
+    data, _ = load_device_data(DataSource(path=str(gen)), sent, source, ["0"])
+    ds = load_dataset(cfg.data)
+    server = encode_examples(cfg, source, ds, range(len(ds.labels)))
+    assert len(data) == len(server) > 0 and data.ids == server.ids and data.golds == server.golds
+    assert data.answer_start.tolist() == server.answer_start.tolist()

@@ -32,6 +32,7 @@ from .data import Encoded
 from .datasets import TextDataset, _check_filled, _line_numbers, _read_table
 from .errors import UserError
 from .experiment import ModelSource, SplitData, device_partitions, encode_examples, load_split
+from .lmdata import LM_TASKS, load_dataset, task_kind
 
 FILE_KEY, DATASET_KEY = "data-file", "dataset"
 PARTITION_KEY, PARTITIONS_KEY, SEED_KEY = "partition", "num-partitions", "partition-seed"
@@ -143,16 +144,29 @@ def file_examples(source: DataSource, cfg: Config, label_names: list[str]) -> Te
         raise DeviceDataError(f"{source.path}, line {_line_numbers(Path(source.path))[row]}: field {label_col!r} = "
                               f"{keys[row]!r} is not one of the server's labels {label_names}"
                               + (f" (and {len(unknown) - 1} more rows)" if len(unknown) > 1 else ""))
-    keep = ~df.duplicated(subset=[text_col]).to_numpy()
+    pair_col = cfg.data.text_pair_column
+    if pair_col is not None:   # sentence pairs: the second text of every row, as data.name = 'file' reads it
+        if pair_col not in df.columns:
+            raise DeviceDataError(f"{source.path} lacks the second text column {pair_col!r} (data.text_pair_column); "
+                                  f"it has {list(df.columns)}")
+        _check_filled(Path(source.path), df, pair_col, is_label=False)
+    subset = [text_col] if pair_col is None else [text_col, pair_col]
+    keep = ~df.duplicated(subset=subset).to_numpy()
     texts = df[text_col].astype(str).str.strip()
+    pairs = None if pair_col is None else [t for t, k in zip(df[pair_col].astype(str).str.strip(), keep) if k]
     return TextDataset([t for t, k in zip(texts, keep) if k], [index[key] for key, k in zip(keys, keep) if k],
-                       list(label_names))
+                       list(label_names), pairs=pairs)
 
 
 def load_device_data(source: DataSource, cfg: Config, model: ModelSource, label_names: list[str] | None,
                      split_of: Callable[[Config, ModelSource], SplitData] = load_split) -> tuple[Encoded, list[str]]:
     """The device's training examples, tokenized as the server tokenizes its test set, and the label names
     they are counted in (the server's; for a registered dataset without them, the dataset's own)."""
+    if source.path is not None and task_kind(cfg.data) in LM_TASKS:   # a prompt/answer file of the device's own
+        data_cfg = cfg.data.model_copy(update={"name": "file", "path": str(source.path)})
+        ds = load_dataset(data_cfg)
+        return encode_examples(cfg.model_copy(update={"data": data_cfg}), model, ds, range(len(ds.labels))), \
+            list(ds.label_names)
     if source.path is not None:
         if not label_names:
             raise DeviceDataError(f"the server sent no label names to map {source.path}'s labels onto")

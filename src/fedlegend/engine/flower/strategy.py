@@ -29,8 +29,11 @@ from .wire import STATUS_MODES, MalformedMessage, assignment_to_content, query_c
 
 
 def without_data_paths(cfg: Config) -> Config:
-    """The config a deployed server sends its devices: every device names its own data, so no path."""
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": None})})
+    """The config a deployed server sends its devices: every device names its own data, so no path. The task
+    kind is pinned first: 'auto' reads the server's file, which a device never sees."""
+    from ...lmdata import task_kind
+
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": None, "task": task_kind(cfg.data)})})
 
 
 def wait_for_nodes(grid: Grid, num_devices: int, wait_s: float) -> list[int]:
