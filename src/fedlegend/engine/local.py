@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..client import LocalResult, LocalTrainingError, evaluate, train_local
 from ..data import sample_batches
@@ -138,6 +139,20 @@ def device_row(plan: LoraPlan, res: DeviceResult) -> dict:
             "samples": res.local.samples, "loss": res.local.loss}
 
 
+def rejected_bytes(state) -> int:
+    """Bytes a rejected update took on the wire, whatever it holds (a malformed one may not be a dict of
+    tensors: count what has a size, never fail on it)."""
+    if not isinstance(state, dict):
+        return 0
+    total = 0
+    for v in state.values():
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(getattr(v, "nbytes", None), int):
+            total += v.nbytes
+    return int(total)
+
+
 def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, estimator: Estimator,
                  replies: dict[int, DeviceResult | DeviceFailure], extra_events: list[dict] | None = None) -> RoundOutcome:
     """Validate each device's reply against what it was sent, aggregate, update the estimates.
@@ -182,7 +197,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
         try:
             check_update(reply.local.state, trained_part(a.payload, a.plan), a.plan)
         except UpdateRejected as err:
-            bytes_up += state_bytes(reply.local.state)  # uploaded, then rejected: the traffic is spent
+            bytes_up += rejected_bytes(reply.local.state)  # uploaded, then rejected: the traffic is spent
             events.append({"device": dev, "kind": "rejected", "detail": str(err), "time_s": t})
             continue
         reports.append(reply.report)
