@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -212,13 +212,17 @@ def nominal_width_of(data: Encoded) -> int:
 
 
 def build_server(cfg: Config, source: ModelSource, facts: list[PartitionFacts], test: Encoded,
-                 label_names: list[str], nominal_width: int) -> Experiment:
-    """The server side from what it holds (model, test set) and what devices reported (`facts`)."""
+                 label_names: list[str], nominal_width: int,
+                 make: Callable[[MethodContext], Method] | None = None) -> Experiment:
+    """The server side from what it holds (model, test set) and what devices reported (`facts`).
+    `make` builds the method from its context instead of the registry (cfg.method.name): a fixed
+    layout of the pre-tests (pretest.py); the host's global layout is then that method's."""
     if len(facts) != cfg.fleet.devices:
         raise ValueError(f"{len(facts)} partition reports for a fleet of {cfg.fleet.devices} devices")
     fleet = make_fleet(cfg)
     model, spec = load_base_model(cfg, source, len(label_names))
-    method = make_method(cfg.method.name, method_context(cfg, spec, facts, nominal_width), cfg.method.model_dump())
+    ctx = method_context(cfg, spec, facts, nominal_width)
+    method = make(ctx) if make is not None else make_method(cfg.method.name, ctx, cfg.method.model_dump())
     host = attach_host(cfg, method, model, spec)
     initial = host.read(host.GLOBAL)
     if method.info.residual:   # FLoRA, FedEx-LoRA: the frozen weights' residuals start at zero
@@ -228,13 +232,14 @@ def build_server(cfg: Config, source: ModelSource, facts: list[PartitionFacts], 
                       source.pad_id, initial, steps_per_device(cfg, facts), list(facts))
 
 
-def build_experiment(cfg: Config) -> Experiment:
-    """In-process (local loop, Flower simulation): the server side plus every device's data."""
+def build_experiment(cfg: Config, make: Callable[[MethodContext], Method] | None = None) -> Experiment:
+    """In-process (local loop, Flower simulation): the server side plus every device's data
+    (`make`: see build_server)."""
     source = load_model_source(cfg)
     split = load_split(cfg, source)
     parts = device_partitions(cfg, split.train)
     facts = [facts_of(split.train.subset(p), len(split.label_names)) for p in parts]
-    exp = build_server(cfg, source, facts, split.test, split.label_names, nominal_width_of(split.train))
+    exp = build_server(cfg, source, facts, split.test, split.label_names, nominal_width_of(split.train), make)
     exp.train, exp.parts = split.train, parts
     exp.prefix_cache = cache_for(cfg.cache, exp.spec.hidden, [len(x) for x in split.train.ids],
                                  cfg.run.rounds * cfg.train.batch_size * sum(exp.steps), cfg.model.dropout)
