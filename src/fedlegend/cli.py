@@ -1,4 +1,5 @@
-"""Command line: `fedlegend run` (one method) and `fedlegend compare` (several, same fleet and seeds).
+"""Command line: `fedlegend run` (one method), `fedlegend compare` (several, same fleet and seeds) and
+`fedlegend pretest` (the paper's section 2 pre-tests, pretest.py).
 
 A user error (errors.UserError: config, files, models, data; or an output that exists) prints
 one line naming the file, line or field and the fix, exit status 2; `--debug` adds its
@@ -51,8 +52,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-delta", type=float, help="DP: the delta of (epsilon, delta) (default 1e-5)")
     p.add_argument("--dp-noise", type=float, help="DP: a fixed noise multiplier (with --dp-epsilon: stop when spent)")
     p.add_argument("--dp-mode", choices=["central", "local"], help="DP: noise on the server (default) or on each device")
+    p.add_argument("--secagg", action="store_true", help="secure aggregation: updates summed under Flower's SecAgg+ "
+                   "(with --engine flower; privacy.secure_aggregation; docs/privacy.md)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="rerun the frozen layers every step (cache.prefix_cache = false; docs/cache.md)")
+    p.add_argument("--device-cache", action="store_true",
+                   help="simulated devices keep their frozen layers' outputs across rounds "
+                        "(fleet.device_activation_cache = true; docs/device_cache.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -66,8 +72,10 @@ def _overrides(a: argparse.Namespace) -> dict:
         "data.name": a.data, "data.path": a.data_path, "method.name": getattr(a, "method", None),
         "privacy.epsilon": a.dp_epsilon, "privacy.clip": a.dp_clip, "privacy.delta": a.dp_delta,
         "privacy.noise_multiplier": a.dp_noise, "privacy.mode": a.dp_mode,
+        "privacy.secure_aggregation": True if getattr(a, "secagg", False) else None,
         "run.engine": a.engine, "run.device": a.device, "run.precision": a.precision,
         "cache.prefix_cache": False if a.no_prefix_cache else None,
+        "fleet.device_activation_cache": True if a.device_cache else None,
     }
 
 
@@ -100,6 +108,23 @@ def cmd_compare(a: argparse.Namespace) -> int:
     run_compare(cfg, methods, seeds, a.out, target=a.target, progress=not a.quiet, resume=a.resume,
                 fresh_on_bad_checkpoint=a.fresh_on_bad_checkpoint)
     print(f"outputs in {a.out}/: summary.csv table.md fig7/8/11/12(/13) PNGs, one folder per run")
+    return 0
+
+
+def cmd_pretest(a: argparse.Namespace) -> int:
+    from .pretest import PAPER_DEVICES, parse_ints, run_pretest
+
+    over = _overrides(a)
+    over["fleet.devices"] = a.devices or PAPER_DEVICES   # the paper's pre-tests: 10 devices
+    cfg = load_config(a.config, over, preset=a.preset)
+    positions = None if a.positions is None else [p.strip() for p in a.positions.split(",")
+                                                  if p.strip() and p.strip() != "none"]
+    print(f"fedlegend pretest {a.kind}: {cfg.model.name} / {cfg.data.name}, {cfg.fleet.devices} devices, "
+          f"{cfg.run.rounds} rounds -> {a.out}", file=sys.stderr)
+    run_pretest(a.kind, cfg, a.out, rank=a.rank, depths=parse_ints(a.depths, "--depths"), budget=a.budget,
+                positions=positions, sweep=parse_ints(a.sweep_ranks, "--sweep-ranks"), measure_steps=a.measure_steps,
+                progress=not a.quiet, resume=a.resume)
+    print(f"outputs in {a.out}/: {a.kind}.csv {a.kind}.md {a.kind}.png, one run folder per layout in {a.kind}/")
     return 0
 
 
@@ -159,6 +184,23 @@ def main(argv: list[str] | None = None) -> int:
                       "starts afresh (default: stop with an error naming the file)")
     _add_common(cmp_)
     cmp_.set_defaults(func=cmd_compare)
+    pre = sub.add_parser("pretest", help="the paper's pre-tests (figs 3-5): LoRA position, depth, rank distribution")
+    pre.add_argument("kind", choices=["position", "depth", "ranks"],
+                     help="position: all layers vs the shallow / middle / deep third; depth: the top 1..L layers "
+                     "(with per-batch latency and memory measured here); ranks: inc / dec / uniform / random "
+                     "distributions and the rank sweep per position")
+    pre.add_argument("--out", default="runs/pretest", help="output folder (KIND.csv, KIND.md, KIND.png, KIND/)")
+    pre.add_argument("--resume", action="store_true", help="reuse finished layouts in --out, continue unfinished ones")
+    pre.add_argument("--rank", type=int, default=8, help="position, depth: the rank of every chosen layer (default 8)")
+    pre.add_argument("--depths", help="depth: comma-separated depths (default 1..L)")
+    pre.add_argument("--measure-steps", type=int, default=5, help="depth: timed training steps per depth (default 5)")
+    pre.add_argument("--budget", type=int, help="ranks: total rank of the distributions (default 8 per layer; "
+                     "the paper: 96 over 12)")
+    pre.add_argument("--positions", help="ranks: layer positions of the rank sweep, comma-separated from all, "
+                     "shallow, middle, deep (default all four; none: no sweep)")
+    pre.add_argument("--sweep-ranks", help="ranks: the sweep's ranks (default 1,2,4,8,16,32,64,128)")
+    _add_common(pre)
+    pre.set_defaults(func=cmd_pretest)
     certs = sub.add_parser("certs", help="TLS certificates for a Flower federation (a private CA + SuperLink cert) "
                            "and SuperNode authentication keys")
     certs.add_argument("dir", help="output folder (must not hold a ca.key yet)")
