@@ -127,7 +127,7 @@ def bare_round(model, batches, lr: float, device: torch.device, precision: str) 
 def measure(exp, depths: list[int], steps: int, repeats: int, precision: str, progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from fedlegend.client import train_local
+    from fedlegend.client import step_shape, train_local
     from fedlegend.devices import step_work_flops
     from fedlegend.execution import model_device
     from fedlegend.methods.base import LoraPlan
@@ -171,7 +171,7 @@ def measure(exp, depths: list[int], steps: int, repeats: int, precision: str, pr
             if first_bare:   # (t0, t1) timed the bare loop: swap so that (t0, t1) is ours
                 t0, t1, t2 = t0, t0 + (t2 - t1), t2
                 c0, c1, c2 = c0, c0 + (c2 - c1), c2
-            shapes = [tuple(b["input_ids"].shape) for b in batches]
+            shapes = [step_shape(exp.task, b) for b in batches]
             if res.batch_shapes != shapes:
                 raise RuntimeError(f"depth {d}: ours and the bare loop ran different batches")
             if rep == 0:
@@ -181,11 +181,11 @@ def measure(exp, depths: list[int], steps: int, repeats: int, precision: str, pr
             ours_cpu += c1 - c0
             bare_cpu += c2 - c1
             shapes_all += shapes
-            flops += sum(sum(step_work_flops(spec, ranks, set(ranks), b, w)) for b, w in shapes)
+            flops += sum(sum(step_work_flops(spec, ranks, set(ranks), b, w, o)) for b, w, o in shapes)
         del bare
         n = steps * repeats
         rows.append({"depth": d, "ranks": [ranks[l] for l in sorted(ranks)], "steps": n,
-                     "mean_tokens_per_step": float(np.mean([b * w for b, w in shapes_all])),
+                     "mean_tokens_per_step": float(np.mean([b * w for b, w, _ in shapes_all])),
                      "gflop": flops / 1e9, "ours_s_per_step": ours_s / n, "bare_s_per_step": bare_s / n,
                      "ours_gflops": flops / ours_s / 1e9, "bare_gflops": flops / bare_s / 1e9,
                      "ours_over_bare": bare_s / ours_s, "ours_gflops_per_cpu_s": flops / ours_cpu / 1e9,

@@ -125,6 +125,42 @@ def test_decoder_flops_against_a_hand_count(llama_dir):
     assert step_work_flops(spec, ranks, set(), b, w)[1] == 0.0
 
 
+def test_lm_step_prices_the_lm_head_at_the_kept_logits_only(llama_dir):
+    """An LM task's step runs the lm_head on the last k+1 columns only (logits_to_keep): the step's shape
+    says so, the lm_head sees exactly those positions, and the cost model charges its forward and its
+    input gradient there, hand-counted (batch 2 x width 6, answers in the last 2 columns: keep 3)."""
+    from fedlegend.client import step_shape
+    from fedlegend.data import collate_lm
+    from fedlegend.devices import layer_forward_flops, round_work, step_work_flops
+    from fedlegend.models import load_causal_lm
+    from fedlegend.spec import inspect_model
+    from fedlegend.tasks import build_task
+
+    model = load_causal_lm(llama_dir)
+    spec = inspect_model(model, ("q_proj", "v_proj"))
+    batch = collate_lm([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8]], [4, 2], pad_id=2)   # answers: columns 4 and 5
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    for name in ("generation", "multiple-choice"):
+        task = build_task(name)
+        assert step_shape(task, batch) == (2, 6, 3)
+        task.loss(model, batch)
+        assert seen.pop() == (2, 3, 64)                            # the lm_head ran at 3 positions per row
+    assert step_shape(build_task("classification"), batch) == (2, 6, 1)   # a pooled head: once per sequence
+    b, w, keep, h, V, L = 2, 6, 3, 64, 64, 4
+    block = layer_forward_flops(spec, b, w)
+    ranks = {3: 8}
+    lora = 2 * b * w * 8 * ((h + 64) + (h + 32))
+    lm_head = 2 * b * keep * h * V                                 # not 2 * b * w * h * V
+    fwd, bwd = step_work_flops(spec, ranks, set(ranks), b, w, keep)
+    assert fwd == L * block + lora + lm_head
+    assert bwd == lm_head + block + 2 * lora                       # lm_head's input gradient, then block 3
+    every = step_work_flops(spec, ranks, set(ranks), b, w)         # None: every position (the old price)
+    assert every[0] - fwd == every[1] - bwd == 2 * b * (w - keep) * h * V
+    work = round_work(spec, ranks, [(b, w, keep), (b, w, keep)], 0, 0)
+    assert (work.forward_flops, work.backward_flops) == (2 * fwd, 2 * bwd)
+
+
 def test_encoder_prices_are_unchanged(model_spec):
     """Specs without decoder fields price as before: 4h^2 + 2hi per token, a trained head twice."""
     from fedlegend.devices import step_work_flops

@@ -224,8 +224,8 @@ def test_cost_model_prices_adapter_width_as_its_parameters(tiny_bert):
     host, lora_spec = make_host(tiny_bert, {l: 8 for l in range(4)})
     w, b, t = 8, 4, 16
     assert lora_forward_flops(host.spec, 3, w, b, t) == 2.0 * b * t * (w * 32 + 32 * w)   # down + up matmuls
-    wide = round_work(host.spec, {3: 16}, [(b, t)], 0, 0)
-    narrow = round_work(host.spec, {3: 8}, [(b, t)], 0, 0)
+    wide = round_work(host.spec, {3: 16}, [(b, t, 1)], 0, 0)
+    narrow = round_work(host.spec, {3: 8}, [(b, t, 1)], 0, 0)
     assert wide.forward_flops > narrow.forward_flops and wide.backward_flops > narrow.backward_flops
 
 

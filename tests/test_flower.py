@@ -213,6 +213,28 @@ def test_wire_round_trip(exp):
     assert all(torch.equal(parsed.local.state[k], res.local.state[k]) for k in res.local.state)
 
 
+
+def test_wire_checks_the_batch_outputs(exp):
+    """Each step's output-layer positions travel with its size and width (the cost model prices the
+    head or lm_head there); a reply without them, or with a count beyond its width, is malformed."""
+    from fedlegend.engine.local import Dispatch
+    from fedlegend.methods import RoundView
+
+    a = Dispatch(1, exp.method.configure(RoundView(1, [0, 1, 2]), exp.initial_state)[1], 2, 0.001)
+    content = fl.result_to_content(run_device(exp, a), 1)
+    assert list(content["reply"]["batch-outputs"]) == [1, 1]       # an encoder's pooled head: once per sequence
+    for outputs, match in ((None, "2 batch sizes, 2 batch widths and 0 batch outputs"), ([1], "1 batch outputs"),
+                           ([1, 0], r"batch-outputs\[1\] = 0 is outside"),
+                           ([1, 10**6], r"batch-outputs\[1\] = 1000000 is outside")):
+        reply = dict(content["reply"].items())
+        reply.pop("batch-outputs")
+        if outputs is not None:
+            reply["batch-outputs"] = outputs
+        bad = RecordDict({"update": content["update"], "metrics": content["metrics"], "reply": ConfigRecord(reply)})
+        with pytest.raises(fl.MalformedMessage, match=match):
+            fl.content_to_result(bad, 1, 1)
+
+
 def test_client_refuses_plan_for_another_device(flower_identity):
     """A node that plays device 1 answers a plan for device 0 with a failure, without training."""
     ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 1}, state=RecordDict(), run_config={})

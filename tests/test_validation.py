@@ -322,7 +322,7 @@ def _mutated(content, draw):
                 n = draw(st.sampled_from(cfgs))
                 rec = dict(records[n].items())
                 key = draw(st.sampled_from(sorted(rec) + ["device-id", "round", "layers", "ranks", "frozen",
-                                                          "batch-sizes", "download-bytes", "steps", "lr"]))
+                                                          "batch-sizes", "batch-outputs", "download-bytes", "steps", "lr"]))
                 if what == "drop-key":
                     rec.pop(key, None)
                 else:
@@ -361,7 +361,8 @@ def _random_content(draw):
         if kind == "config":
             out[n] = ConfigRecord({k: draw(_value()) for k in draw(st.lists(st.sampled_from(
                 ["device-id", "round", "status", "layers", "ranks", "lr", "steps", "config", "config-hash", "detail",
-                 "batch-sizes", "batch-widths", "frozen", "kind", "time-s"]), max_size=8, unique=True))})
+                 "batch-sizes", "batch-widths", "batch-outputs", "frozen", "kind", "time-s"]), max_size=8,
+                unique=True))})
         elif kind == "metric":
             out[n] = MetricRecord({k: draw(_metric_value()) for k in draw(st.lists(st.sampled_from(
                 ["samples", "loss", "download_s", "forward_s", "backward_s", "upload_s", "fixed_s",
@@ -387,7 +388,8 @@ def _check_decoded(fn, content, *args):
                 out.report.backward_per_layer_s, out.report.upload_per_rank_s]
         assert all(math.isfinite(v) for v in nums) and out.local.samples >= 0
         assert all(isinstance(v, torch.Tensor) for v in out.local.state.values())
-        assert all(isinstance(b, int) and isinstance(w, int) for b, w in out.local.batch_shapes)
+        assert all(isinstance(b, int) and isinstance(w, int) and isinstance(o, int) and 1 <= o <= w
+                   for b, w, o in out.local.batch_shapes)
     else:
         assert isinstance(out, DeviceFailure)
     return False

@@ -27,7 +27,14 @@ class LocalResult:
     state: AdapterState
     samples: int
     loss: float
-    batch_shapes: list[tuple[int, int]]  # (batch size, padded width) of each step, for the cost model
+    batch_shapes: list[tuple[int, int, int]]  # step_shape of each step, for the cost model
+
+
+def step_shape(task: Task, batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """What the cost model needs of a training step: (batch size, padded width, positions per sequence
+    at which the task's loss runs the output layer: 1 for a pooled head, k+1 for an LM's answer)."""
+    b, w = batch["input_ids"].shape
+    return int(b), int(w), int(task.output_positions(batch))
 
 
 def local_steps_for(n_examples: int, batch_size: int, local_steps: int, local_epochs: float) -> int:
@@ -72,7 +79,7 @@ def train_local(host: AdapterHost, task: Task, plan: LoraPlan, payload: AdapterS
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         losses.append(loss.item())
-        shapes.append(tuple(batch["input_ids"].shape))
+        shapes.append(step_shape(task, batch))
         seen += len(idx)
     return LocalResult(trained_part(host.read(name), plan), seen, float(np.mean(losses)), shapes)
 

@@ -173,16 +173,20 @@ def lora_forward_flops(spec: ModelSpec, layer: int, rank: int, batch: int, width
     return 2.0 * batch * width * rank * spec.lora_params_per_rank(layer)
 
 
-def output_flops(spec: ModelSpec, batch: int, width: int) -> float:
-    """Forward FLOPs of the layer above the blocks: a decoder's frozen projection onto the vocabulary
-    (every position's logits), an encoder's task head (once per pooled sequence)."""
+def output_flops(spec: ModelSpec, batch: int, width: int, outputs: int | None = None) -> float:
+    """Forward FLOPs of the layer above the blocks at `outputs` positions per sequence: a decoder's
+    frozen projection onto the vocabulary (hidden x vocab per position; the LM tasks compute the
+    logits of the last k+1 columns only, tasks.lm.answer_loss), an encoder's task head (its
+    parameters per pooled sequence). `outputs` None: every position (a decoder), one (an encoder)."""
     if spec.vocab:
-        return 2.0 * batch * width * spec.hidden * spec.vocab
-    return 2.0 * batch * spec.head_params()
+        return 2.0 * batch * (width if outputs is None else outputs) * spec.hidden * spec.vocab
+    return 2.0 * batch * (1 if outputs is None else outputs) * spec.head_params()
 
 
-def step_work_flops(spec: ModelSpec, ranks: Ranks, trained: set[int], batch: int, width: int) -> tuple[float, float]:
-    """(forward, backward) FLOPs of one training step.
+def step_work_flops(spec: ModelSpec, ranks: Ranks, trained: set[int], batch: int, width: int,
+                    outputs: int | None = None) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one training step; the output layer runs at `outputs` positions
+    per sequence (output_flops).
 
     Forward runs through all L layers (plus the LoRA of every layer that has one) and the output layer.
     Backward runs only from the output down to the lowest trained layer: gradients w.r.t.
@@ -190,7 +194,7 @@ def step_work_flops(spec: ModelSpec, ranks: Ranks, trained: set[int], batch: int
     head (encoders) costs two forwards (its weights' and its input's gradients); a decoder's frozen
     lm_head one (its input's gradient), and none when nothing below it trains.
     """
-    head = output_flops(spec, batch, width)
+    head = output_flops(spec, batch, width, outputs)
     fwd = head + sum(layer_forward_flops(spec, batch, width) for _ in range(spec.num_layers))
     fwd += sum(lora_forward_flops(spec, l, r, batch, width) for l, r in ranks.items())
     lowest = min(trained) if trained else spec.num_layers
@@ -205,13 +209,14 @@ def step_work_flops(spec: ModelSpec, ranks: Ranks, trained: set[int], batch: int
     return fwd, bwd
 
 
-def round_work(spec: ModelSpec, ranks: Ranks, batch_shapes: list[tuple[int, int]],
+def round_work(spec: ModelSpec, ranks: Ranks, batch_shapes: list[tuple[int, int, int]],
                bytes_down: int, bytes_up: int) -> Work:
-    """Work of a round of local training made of batches of (batch size, padded width)."""
+    """Work of a round of local training made of batches of (batch size, padded width, output-layer
+    positions per sequence): client.step_shape's triples."""
     fwd = bwd = 0.0
     trained = set(ranks)
-    for b, w in batch_shapes:
-        f, g = step_work_flops(spec, ranks, trained, b, w)
+    for b, w, o in batch_shapes:
+        f, g = step_work_flops(spec, ranks, trained, b, w, o)
         fwd += f
         bwd += g
     return Work(fwd, bwd, bytes_down, bytes_up)

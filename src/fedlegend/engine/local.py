@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..client import LocalResult, LocalTrainingError, evaluate, train_local
+from ..client import LocalResult, LocalTrainingError, evaluate, step_shape, train_local
 from ..data import sample_batches
 from ..devices import RoundTime, Work, round_work
 from .. import privacy
@@ -237,7 +237,7 @@ def planned_work(exp: Experiment, a: Dispatch) -> Work:
     data, rng = exp.device_data(a.device), device_rng(exp, a)
     rng.integers(2**62)
     lengths = [len(x) for x in data.ids]
-    shapes = [tuple(exp.task.batch(data, idx, exp.pad_id)["input_ids"].shape)
+    shapes = [step_shape(exp.task, exp.task.batch(data, idx, exp.pad_id))
               for idx in sample_batches(len(data), a.steps, min(exp.cfg.train.batch_size, len(data)), rng, lengths)]
     return round_work(exp.spec, a.plan.ranks, shapes, a.download_bytes, 0)
 

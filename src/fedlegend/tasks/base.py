@@ -43,6 +43,11 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of one batch (a scalar)."""
 
+    def output_positions(self, batch: dict[str, torch.Tensor]) -> int:
+        """Positions per sequence at which `loss` runs the model's output layer (the cost model prices
+        the head or lm_head there, devices.output_flops): by default one (a head on the pooled sequence)."""
+        return 1
+
     @abstractmethod
     def score(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int) -> Score:
         """The model (in eval mode, without grad) scored on `data`; batches go to the model's device."""

@@ -10,7 +10,7 @@ from ..data import Encoded, LMInfo, collate_lm, encode_prompt_answer, lm_eval_ba
 from ..execution import model_device, to_device
 from ..numbers import final_number, same_number
 from .base import Score, Task
-from .lm import answer_loss, end_of_turn_id
+from .lm import answer_keep, answer_loss, end_of_turn_id
 
 
 def until_stop(ids: list[int], stops: tuple[int, ...]) -> list[int]:
@@ -44,6 +44,9 @@ class Generation(Task):
 
     def loss(self, model, batch):
         return answer_loss(model, batch)
+
+    def output_positions(self, batch):
+        return answer_keep(batch["labels"])
 
     def generate(self, model, data: Encoded, batch_size: int, pad_id: int) -> dict[int, str]:
         """Greedy completions of each example's prompt (text, up to its first stop token)."""

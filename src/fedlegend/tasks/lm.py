@@ -31,14 +31,21 @@ def causal_logits(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Ten
     return out.logits
 
 
+def answer_keep(labels: torch.Tensor) -> int:
+    """Columns whose logits answer_loss computes: the last k+1 of a left-padded batch whose answers
+    (labels != -100) span the last k columns (at least 2, at most the width)."""
+    width = labels.shape[1]
+    cols = (labels != -100).any(0).nonzero()
+    k = min(width - int(cols[0]), width - 1) if len(cols) else 1
+    return k + 1
+
+
 def answer_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy on the answer tokens only (labels -100 elsewhere). Answers end in the last
     column, so the logits of the last k+1 columns predict the k answer columns."""
     labels = batch["labels"]
-    width = labels.shape[1]
-    cols = (labels != -100).any(0).nonzero()
-    k = min(width - int(cols[0]), width - 1) if len(cols) else 1
-    logits = causal_logits(model, batch, k + 1)[:, -(k + 1):-1]
-    target = labels[:, -k:]
+    keep = answer_keep(labels)
+    logits = causal_logits(model, batch, keep)[:, -keep:-1]
+    target = labels[:, -(keep - 1):]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
                            reduction=reduction)

@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..execution import model_device, to_device
 from ..lmdata import LETTERS
 from .base import Score, Task
-from .lm import answer_loss, causal_logits
+from .lm import answer_keep, answer_loss, causal_logits
 
 
 def letter_ids(tokenizer, prefix: str) -> tuple[int, ...]:
@@ -40,6 +40,9 @@ class MultipleChoice(Task):
 
     def loss(self, model, batch):
         return answer_loss(model, batch)
+
+    def output_positions(self, batch):
+        return answer_keep(batch["labels"])
 
     @torch.no_grad()
     def score(self, model, data, batch_size, pad_id):

@@ -3,7 +3,7 @@
 Keys of the RecordDicts:
   TRAIN  server -> node: "payload" ArrayRecord, "plan" ConfigRecord (with the config, without data paths,
                          and the label names of the server's test set)
-         node -> server: "update" ArrayRecord, "metrics" MetricRecord, "reply" ConfigRecord
+         node -> server: "update" ArrayRecord, "metrics" MetricRecord, "reply" ConfigRecord (with BATCH_KEYS)
   QUERY  server -> node: "query" ConfigRecord (num-devices, config, labels)
          node -> server: "reply" ConfigRecord: device-id and the device's partition report (samples,
                          label-counts: all it says about its data), or data-error (why it has none)
@@ -42,6 +42,9 @@ DEVICE_ID_KEY = "device-id"        # node config key naming the device a SuperNo
 PARTITION_ID_KEY = "partition-id"  # what Flower's simulation puts in each node's config
 TIME_KEYS = ("download_s", "forward_s", "backward_s", "upload_s")
 REPORT_KEYS = ("fixed_s", "backward_per_layer_s", "upload_per_rank_s")
+# a reply's training steps for the cost model (client.step_shape): batch size, padded width, and the
+# positions per sequence at which the output layer ran (in [1, width]; lists of equal length)
+BATCH_KEYS = ("batch-sizes", "batch-widths", "batch-outputs")
 STATUS_MODES = ("fleet", "measured")
 FAILURE_KINDS = ("rejected", "dropped")  # what a device may say of its own failure (anything else: rejected)
 STAMP_KEYS = ("recv-at", "done-at")  # a measured reply's wall-clock stamps (device clock, seconds since epoch)
@@ -243,7 +246,8 @@ def result_to_content(res: DeviceResult | DeviceFailure, round_: int, extra: dic
                **{k: float(getattr(res.report, k)) for k in REPORT_KEYS}, **(extra or {})}
     shapes = res.local.batch_shapes
     reply = ConfigRecord({DEVICE_ID_KEY: res.device, "round": round_, "status": "ok",
-                          "batch-sizes": [int(b) for b, _ in shapes], "batch-widths": [int(w) for _, w in shapes]})
+                          "batch-sizes": [int(b) for b, _, _ in shapes], "batch-widths": [int(w) for _, w, _ in shapes],
+                          "batch-outputs": [int(o) for _, _, o in shapes]})
     return RecordDict({"update": state_to_record(res.local.state), "metrics": MetricRecord(metrics), "reply": reply})
 
 
@@ -278,16 +282,21 @@ def content_to_result(content: RecordDict, device: int, round_: int,
     if bad:
         raise MalformedMessage(f"metrics {bad} are negative, not finite or beyond {MAX_SECONDS:g}")
     samples = _count(nums["samples"], "metrics' samples")
-    sizes, widths = (_int_list(reply, k, "reply", default=[]) for k in ("batch-sizes", "batch-widths"))
-    if len(sizes) != len(widths):
-        raise MalformedMessage(f"reply has {len(sizes)} batch sizes but {len(widths)} batch widths")
+    sizes, widths, outputs = (_int_list(reply, k, "reply", default=[]) for k in BATCH_KEYS)
+    if not len(sizes) == len(widths) == len(outputs):
+        raise MalformedMessage(f"reply has {len(sizes)} batch sizes, {len(widths)} batch widths and "
+                               f"{len(outputs)} batch outputs")
+    bad = next((j for j, (w, o) in enumerate(zip(widths, outputs)) if not 1 <= o <= w), None)
+    if bad is not None:
+        raise MalformedMessage(f"reply's batch-outputs[{bad}] = {outputs[bad]} is outside [1, its batch width "
+                               f"{widths[bad]}]")
     rec = _record(content, "update", ArrayRecord)
     if max_update_bytes is not None:
         size = sum(len(a.data) for a in rec.values())
         if size > max_update_bytes + 128 * len(rec):   # + the .npy header of each array
             raise MalformedMessage(f"update of {size} bytes; its plan allows at most {max_update_bytes}")
     state = record_to_state(rec)
-    local = LocalResult(state, samples, float(nums["loss"]), list(zip(sizes, widths)))
+    local = LocalResult(state, samples, float(nums["loss"]), list(zip(sizes, widths, outputs)))
     rt = RoundTime(*(float(nums[k]) for k in TIME_KEYS))
     report = StatusReport(device, *(float(nums[k]) for k in REPORT_KEYS), samples=samples)
     return DeviceResult(device, local, rt, report)
