@@ -29,7 +29,7 @@ from ..devices import RoundTime, Work, round_work
 from .. import privacy
 from ..experiment import Experiment
 from ..methods.aggregation import DeviceUpdate
-from ..methods.base import (Assignment, Estimate, Estimator, LoraPlan, RoundView, Skip, StatusReport, UpdateRejected,
+from ..methods.base import (Aggregated, Assignment, Estimate, Estimator, LoraPlan, RoundView, Skip, StatusReport, UpdateRejected,
                             check_update, trained_part)
 from ..spec import AdapterState, state_bytes
 
@@ -154,7 +154,8 @@ def rejected_bytes(state) -> int:
 
 
 def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, estimator: Estimator,
-                 replies: dict[int, DeviceResult | DeviceFailure], extra_events: list[dict] | None = None) -> RoundOutcome:
+                 replies: dict[int, DeviceResult | DeviceFailure], extra_events: list[dict] | None = None,
+                 aggregate: Callable[[list[DeviceUpdate]], Aggregated] | None = None) -> RoundOutcome:
     """Validate each device's reply against what it was sent, aggregate, update the estimates.
 
     A device with an assignment but no reply is recorded as dropped; the round completes
@@ -165,6 +166,9 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
     counts at the time its reply or failure reached the server, accepted or not. The round lasts
     until the last of these (the method's own clock instead, if it keeps one: it sees only the
     accepted updates). Fault events carry that virtual time as `time_s`.
+
+    `aggregate` replaces the method's own aggregate over the accepted updates (secure aggregation: the
+    server holds only the sum of the devices' contributions, engine/flower/secagg.py).
     """
     updates, reports, rows, events, losses = [], [], [], [], []
     seen_at = []  # the virtual time at which the server heard from (or gave up on) each dispatched device
@@ -207,7 +211,7 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
         bytes_up += state_bytes(reply.local.state)
         rows.append(device_row(a.plan, reply))
     events.extend(extra_events or [])
-    agg = exp.method.aggregate(rp.round, global_state, updates)
+    agg = aggregate(updates) if aggregate is not None else exp.method.aggregate(rp.round, global_state, updates)
     agg = privacy.server_side(exp, rp, global_state, updates, agg)  # central DP: noise on what is released
     # a synchronous round lasts until the server has heard from (or cut off) every device; the
     # devices that delivered wait for it
@@ -318,9 +322,9 @@ class Server:
         return plan_round(self.exp, round_, self.state, self.estimator)
 
     def finish(self, rp: RoundPlan, replies: dict[int, DeviceResult | DeviceFailure],
-               events: list[dict] | None = None) -> RoundOutcome:
+               events: list[dict] | None = None, aggregate=None) -> RoundOutcome:
         """Aggregate the round's replies; the clock advances by the round's virtual time."""
-        out = finish_round(self.exp, rp, self.state, self.estimator, replies, events)
+        out = finish_round(self.exp, rp, self.state, self.estimator, replies, events, aggregate)
         self.state = out.state
         self.clock += out.record["round_time_s"]
         return out

@@ -24,6 +24,7 @@ from ...devices import RoundTime
 from ...errors import UserError
 from ...experiment import DeviceExperiment, ModelSource, build_device, facts_of, load_model_source, load_split
 from ..local import DeviceFailure, DeviceResult, run_device, status_report
+from . import secagg
 from .timing import ForwardTimer
 from .wire import (DEVICE_ID_KEY, PARTITION_ID_KEY, STATUS_MODES, MalformedMessage, config_from_toml, config_hash,
                    content_labels, content_to_assignment, content_to_query, report_to_content, result_to_content)
@@ -128,6 +129,7 @@ def handle_train(message: Message, context: Context) -> Message:
     except UserError as err:  # its data, or run.device / run.precision this node cannot honour (cuda without a GPU)
         return _failed(dev, round_, f"device {dev}: {err}", message)
     extra = {"worker-pid": os.getpid(), "worker-builds": _DEVICE_SIDE.builds}
+    secure = secagg.device_plan(message.content)   # a SecAgg+ round: the update goes masked (secagg.py)
     if status == "fleet":
         res = run_device(exp, a)
     else:
@@ -139,6 +141,10 @@ def handle_train(message: Message, context: Context) -> Message:
             rt = RoundTime(0.0, fwd.seconds, max(train_s - fwd.seconds, 0.0), 0.0)  # comm: the server's part
             res = replace(res, time=rt, report=status_report(dev, rt, a.plan, res.local.samples))
         extra.update({"recv-at": recv_at, "done-at": time.time()})
+    if secure is not None:
+        if isinstance(res, DeviceFailure) and res.kind == "dropped":   # gone: SecAgg+ recovers without it
+            raise RuntimeError(f"device {dev} {res.detail}")
+        return Message(secagg.device_content(secure, exp.cfg.fleet.cutoff_s, a, res, extra), reply_to=message)
     return Message(result_to_content(res, a.round, extra), reply_to=message)
 
 
@@ -162,6 +168,6 @@ def handle_query(message: Message, context: Context) -> Message:
 
 def make_client_app() -> ClientApp:
     app = ClientApp()
-    app.train()(handle_train)
+    app.train(mods=[secagg.secagg_mod])(handle_train)   # SecAgg+ rounds only; plain TRAIN messages pass through
     app.query()(handle_query)
     return app

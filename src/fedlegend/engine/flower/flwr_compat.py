@@ -33,7 +33,18 @@ from flwr.cli.typing import SuperLinkConnection  # noqa: E402
 from flwr.cli.utils import init_http_client_from_connection  # noqa: E402
 from flwr.clientapp.client_app import LoadClientAppError  # noqa: E402
 from flwr.clientapp.utils import get_load_client_app_fn  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey, Stage as SecAggStage  # noqa: E402
+from flwr.common.serde import recorddict_to_proto  # noqa: E402
+from flwr.client.mod import secaggplus_mod  # noqa: E402
+from flwr.common import (Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters,  # noqa: E402
+                         parameters_to_ndarrays)
+from flwr.server import LegacyContext  # noqa: E402
+from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict  # noqa: E402
 from flwr.common.constant import ErrorCode, SubStatus  # noqa: E402
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD  # noqa: E402
+from flwr.server.workflow.constant import Key as WorkflowKey  # noqa: E402
 from flwr.proto.control_pb2 import RegisterNodeRequest  # noqa: E402
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # noqa: E402
 from flwr.supercore import log  # noqa: E402
@@ -51,6 +62,13 @@ __all__ = [
     "install_from_fab", "try_load_public_key", "SuperLinkConnection", "init_http_client_from_connection",
     # flwr.clientapp internals: loading the ClientApp named in a FAB
     "LoadClientAppError", "get_load_client_app_fn",
+    # SecAgg+ (engine/flower/secagg.py): the protocol's record and stage names, the legacy FitRes records the
+    # client mod reads, the workflow's context records, and protobuf serialisation (bytes on the wire)
+    "SECAGG_CONFIGS", "SecAggKey", "SecAggStage", "fitres_to_recorddict", "recorddict_to_proto",
+    "MAIN_CONFIGS_RECORD", "MAIN_PARAMS_RECORD", "WorkflowKey",
+    # ... and the legacy (pre-Message) API that Flower's SecAgg+ mod and workflow are written in
+    "secaggplus_mod", "SecAggPlusWorkflow", "LegacyContext", "Code", "FitIns", "FitRes", "Parameters", "Status",
+    "ndarrays_to_parameters", "parameters_to_ndarrays",
     # flwr.common.constant
     "ErrorCode", "SubStatus",
     # flwr.proto

@@ -99,6 +99,8 @@ class MethodStrategy(Strategy):
         self._messages: dict[int, Message] = {}
         self._pending_events: list[dict] = []
         self._outcome: RoundOutcome | None = None
+        self.secure = bool(exp.cfg.privacy.secure_aggregation)   # SecAgg+ (secagg.py): the server sees only sums
+        self._secure = None
 
     @property
     def state(self) -> AdapterState:
@@ -189,7 +191,22 @@ class MethodStrategy(Strategy):
             self._sent[dev] = node
             self._messages[dev] = Message(assignment_to_content(a, self.config_toml, self.status, self.exp.label_names),
                                           dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_))
+        if self.secure:   # the round runs here, as SecAgg+'s four stages; Flower's loop gets no message
+            self._run_secure(grid, round_)
+            return []
         return list(self._messages.values())
+
+    def _run_secure(self, grid: Grid, round_: int) -> None:
+        from .secagg import SecureRound
+
+        self._secure = SecureRound.plan(self.exp, self._round, self.state)
+        for dev, m in self._messages.items():
+            self._secure.add_fields(dev, m.content)
+        self._secure.run(grid, {self._sent[dev]: m.content for dev, m in self._messages.items()}, round_,
+                         self.query_timeout_s)
+        # the stage that carried each device's TRAIN records stands for its message (ids, measured times)
+        sent = self._secure.grid.train_messages
+        self._messages = {dev: sent[node] for dev, node in self._sent.items() if node in sent}
 
     def _measured(self, dev: int, res: DeviceResult, reply: Message, grid: TimedGrid | None) -> DeviceResult:
         """A measured reply's RoundTime and status report, with the server's send and arrival times."""
@@ -213,7 +230,7 @@ class MethodStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._round is None or self._round.round != self.offset + server_round:
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
-        replies = list(replies)
+        replies = list(replies) if self._secure is None else self._secure.replies
         self.workers.update(w for w in map(worker_of, replies) if w is not None)
         sent_ids = {m.metadata.message_id: dev for dev, m in self._messages.items() if m.metadata.message_id}
         by_device, events, messages = collect_replies(replies, self.roster, self._round, self._sent, sent_ids)
@@ -223,7 +240,14 @@ class MethodStrategy(Strategy):
                     by_device[dev] = self._measured(dev, by_device[dev], msg, self._grid)
                 except MalformedMessage as err:
                     by_device[dev] = DeviceFailure(dev, "malformed", str(err))
-        out = self.server.finish(self._round, by_device, self._pending_events + events)
+        secure, self._secure = self._secure, None
+        if secure is not None:
+            by_device = secure.accepted(by_device)
+            events += [{"device": None, "kind": "secagg", "detail": secure.halted}] if secure.halted else []
+        out = self.server.finish(self._round, by_device, self._pending_events + events,
+                                 aggregate=None if secure is None else secure.aggregate)
+        if secure is not None:
+            secure.account(out.record, self._sent)
         self._pending_events = []
         self._outcome = out
         metrics = {"round_time_s": out.record["round_time_s"], "accepted": len(out.record["devices"])}
