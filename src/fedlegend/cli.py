@@ -54,8 +54,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-mode", choices=["central", "local"], help="DP: noise on the server (default) or on each device")
     p.add_argument("--secagg", action="store_true", help="secure aggregation: updates summed under Flower's SecAgg+ "
                    "(with --engine flower; privacy.secure_aggregation; docs/privacy.md)")
-    p.add_argument("--secagg", action="store_true", help="secure aggregation: updates summed under Flower's SecAgg+ "
-                   "(with --engine flower; privacy.secure_aggregation; docs/privacy.md)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="rerun the frozen layers every step (cache.prefix_cache = false; docs/cache.md)")
     p.add_argument("--device-cache", action="store_true",
@@ -74,7 +72,6 @@ def _overrides(a: argparse.Namespace) -> dict:
         "data.name": a.data, "data.path": a.data_path, "method.name": getattr(a, "method", None),
         "privacy.epsilon": a.dp_epsilon, "privacy.clip": a.dp_clip, "privacy.delta": a.dp_delta,
         "privacy.noise_multiplier": a.dp_noise, "privacy.mode": a.dp_mode,
-        "privacy.secure_aggregation": True if getattr(a, "secagg", False) else None,
         "privacy.secure_aggregation": True if getattr(a, "secagg", False) else None,
         "run.engine": a.engine, "run.device": a.device, "run.precision": a.precision,
         "cache.prefix_cache": False if a.no_prefix_cache else None,
