@@ -101,6 +101,15 @@ class FleetConfig(_Section):
         None, gt=0, description="straggler cutoff (virtual s): the server closes each round at this time, devices "
                                 "not done by then are cut off (work lost); null waits for every device"
     )
+    device_activation_cache: bool = Field(
+        False, description="each device keeps its frozen layers' outputs for its own examples across rounds: no "
+                           "forward below its lowest trained layer for an example it holds at that boundary (cost "
+                           "model only, local engine; docs/device_cache.md)"
+    )
+    device_cache_mb: float = Field(
+        1024.0, gt=0, description="per-device storage for the activation cache (fp16 states, least recently used "
+                                  "evicted beyond it); 1 GiB = 1/8 of a Jetson TX2's or Xavier NX's 8 GB"
+    )
 
     @model_validator(mode="after")
     def _bandwidth_order(self) -> "FleetConfig":
@@ -227,12 +236,6 @@ class PrivacyConfig(_Section):
                                               "aggregate; local: each device noises its own clipped update")
     seeded_noise: bool = Field(True, description="draw the noise from run.seed (reproducible experiments); "
                                "false: from the OS's secret source (a deployment: seeded noise protects nothing)")
-    secure_aggregation: bool = Field(False, description="Flower engine only: the devices' updates are summed under "
-                                     "Flower's SecAgg+, so the server learns only sums (methods whose rule is a "
-                                     "weighted sum; docs/privacy.md, 'Secure aggregation')")
-    secagg_range: float = Field(8.0, gt=0, description="SecAgg+ quantisation range: every value a device "
-                                "contributes (its weight times its update, on the global shape) must lie in "
-                                "[-range, range], or the device fails the round; a wider range, a coarser grid")
 
 
 
@@ -260,14 +263,18 @@ class Config(_Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @model_validator(mode="after")
+    def _device_cache_engine(self) -> "Config":
+        """The device activation cache is state of the simulated devices, which only the local engine keeps
+        (and checkpoints) in one place."""
+        if self.fleet.device_activation_cache and self.run.engine != "local":
+            raise ValueError("fleet.device_activation_cache is simulated by the local engine only; use "
+                             "run.engine = \"local\" or turn the cache off")
+        return self
+
+    @model_validator(mode="after")
     def _privacy_fits_method(self) -> "Config":
         """DP only where the method's aggregation is a sum (privacy/support.py says why not)."""
         p = self.privacy
-        if p.secure_aggregation:
-            from .privacy.secagg import refusal as secagg_refusal
-            why = secagg_refusal(self)
-            if why:
-                raise ValueError(f"privacy.secure_aggregation: {why}")
         if p.epsilon is None and p.noise_multiplier is None:
             return self
         from .methods import METHODS

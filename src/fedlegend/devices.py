@@ -111,6 +111,7 @@ class Fleet:
         self.bw_range = (bandwidth_min_mbps, bandwidth_max_mbps)
         self.downlink_factor = downlink_factor
         self.dropout_rate = dropout_rate
+        self.cache = None   # the devices' activation caches (device_cache.DeviceCaches) when the fleet keeps them
 
     def __len__(self) -> int:
         return len(self.devices)

@@ -29,6 +29,7 @@ from .client import local_steps_for
 from .config import Config
 from .data import Encoded, label_histogram, partition, train_test_sources
 from .datasets import TextDataset
+from .device_cache import DeviceCaches
 from .devices import Fleet
 from .execution import check_precision, resolve_device
 from .hosts import AdapterHost, build_host
@@ -176,8 +177,11 @@ def device_partitions(cfg: Config, train: Encoded, num_devices: int | None = Non
 
 def make_fleet(cfg: Config) -> Fleet:
     f = cfg.fleet
-    return Fleet(f.devices, cfg.run.seed, f.mode_change_every, f.bandwidth_min_mbps, f.bandwidth_max_mbps,
-                 f.downlink_factor, f.dropout_rate)
+    fleet = Fleet(f.devices, cfg.run.seed, f.mode_change_every, f.bandwidth_min_mbps, f.bandwidth_max_mbps,
+                  f.downlink_factor, f.dropout_rate)
+    if f.device_activation_cache:
+        fleet.cache = DeviceCaches(f.device_cache_mb)
+    return fleet
 
 
 def load_base_model(cfg: Config, source: ModelSource, num_labels: int) -> tuple[torch.nn.Module, ModelSpec]:

@@ -36,6 +36,8 @@ def summarize(records: list[dict], method: str, target: float, **extra) -> dict:
         "rejected_updates": sum(1 for r in records for e in r["events"] if e["kind"] == "rejected"),
         **({k: records[-1][k] for k in ("epsilon", "delta", "noise_multiplier")}   # DP runs only
            if records and "epsilon" in records[-1] else {}),
+        **({"peak_device_cache_mb": max(r["device_cache_mb"] for r in records)}   # device activation cache runs
+           if records and "device_cache_mb" in records[-1] else {}),
         **extra,
     }
 

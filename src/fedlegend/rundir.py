@@ -72,7 +72,8 @@ def save_checkpoint(path: Path, cfg: Config, snap: Snapshot, wall_clock_s: float
     """The round loop's state after a round, into the folder `path` (checkpoint.py: JSON + safetensors,
     the manifest renamed last, so a stop while writing leaves the previous checkpoint whole)."""
     checkpoint.write(path, {"config": dump_config(cfg), "wall_clock_s": wall_clock_s},
-                     {"snapshot": dict(vars(snap))}, CHECKPOINT_FORMAT, label=f"r{snap.round:04d}")
+                     {"snapshot": {k: v for k, v in vars(snap).items() if k != "devices" or v}},   # devices: if kept
+                     CHECKPOINT_FORMAT, label=f"r{snap.round:04d}")
 
 
 def _bad(path: Path, why: str) -> CheckpointError:
@@ -99,7 +100,7 @@ def load_checkpoint(path: Path, cfg: Config) -> tuple[Snapshot, float] | None:
         tree = checkpoint.read_tree(path, manifest)
         snap = tree["snapshot"] if type(tree) is dict else None
         fields = {"round", "clock", "state", "estimates", "method", "records"}
-        if type(snap) is not dict or set(snap) != fields or type(snap["round"]) is not int:
+        if type(snap) is not dict or set(snap) - {"devices"} != fields or type(snap["round"]) is not int:
             raise CheckpointError(f"{path / checkpoint.MANIFEST}: holds no round-loop snapshot")
         wall = manifest.get("wall_clock_s")
         if type(wall) not in (int, float):
