@@ -236,6 +236,12 @@ class PrivacyConfig(_Section):
                                               "aggregate; local: each device noises its own clipped update")
     seeded_noise: bool = Field(True, description="draw the noise from run.seed (reproducible experiments); "
                                "false: from the OS's secret source (a deployment: seeded noise protects nothing)")
+    secure_aggregation: bool = Field(False, description="Flower engine only: the devices' updates are summed under "
+                                     "Flower's SecAgg+, so the server learns only sums (methods whose rule is a "
+                                     "weighted sum; docs/privacy.md, 'Secure aggregation')")
+    secagg_range: float = Field(8.0, gt=0, description="SecAgg+ quantisation range: every value a device "
+                                "contributes (its weight times its update, on the global shape) must lie in "
+                                "[-range, range], or the device fails the round; a wider range, a coarser grid")
 
 
 
@@ -275,6 +281,11 @@ class Config(_Section):
     def _privacy_fits_method(self) -> "Config":
         """DP only where the method's aggregation is a sum (privacy/support.py says why not)."""
         p = self.privacy
+        if p.secure_aggregation:
+            from .privacy.secagg import refusal as secagg_refusal
+            why = secagg_refusal(self)
+            if why:
+                raise ValueError(f"privacy.secure_aggregation: {why}")
         if p.epsilon is None and p.noise_multiplier is None:
             return self
         from .methods import METHODS
