@@ -106,7 +106,7 @@ def rank_distribution(kind: str, L: int, budget: int, seed: int = 0) -> list[int
     mean = budget / L
     if kind == "inc":
         ramp = mean * (0.5 + np.arange(L) / max(L - 1, 1)) if L > 1 else np.array([float(budget)])
-        return _apportion(ramp, budget)
+        return sorted(_apportion(ramp, budget))   # sorted: rounding at rank 1 must not break the ramp
     if kind == "dec":
         return rank_distribution("inc", L, budget, seed)[::-1]
     if kind == "uniform":
@@ -463,9 +463,10 @@ def pretest_depth(cfg: Config, out: Path, rank: int = 8, depths: list[int] | Non
 
 
 def pretest_ranks(cfg: Config, out: Path, budget: int | None = None, positions: list[str] | None = None,
-                  sweep: list[int] | None = None, progress: bool = True, resume: bool = False) -> list[dict]:
-    """Fig. 5: (b) the four rank distributions over all layers with one budget (default 8 per layer);
-    (a) the rank sweep on each chosen layer position."""
+                  sweep: list[int] | None = None, progress: bool = True, resume: bool = False,
+                  distributions: list[str] | None = None) -> list[dict]:
+    """Fig. 5: (b) the rank distributions (default all four) over all layers with one budget (default 8
+    per layer); (a) the rank sweep on each chosen layer position."""
     L = _num_layers(cfg)
     budget = budget or 8 * L
     positions = list(POSITIONS) if positions is None else positions
@@ -475,9 +476,10 @@ def pretest_ranks(cfg: Config, out: Path, budget: int | None = None, positions: 
     sweep = sorted(set(SWEEP_RANKS if sweep is None else sweep))
     if any(r < 1 for r in sweep):
         raise PretestError(f"sweep ranks must be >= 1, got {sweep}")
-    dists = [Variant(d, dict(enumerate(rank_distribution(d, L, budget, cfg.run.seed)))) for d in DISTRIBUTIONS]
+    distributions = list(DISTRIBUTIONS) if distributions is None else distributions
+    dists = [Variant(d, dict(enumerate(rank_distribution(d, L, budget, cfg.run.seed)))) for d in distributions]
     rows = [dict(r, group="distribution", position="all", budget=budget)
-            for r in run_variants(cfg, out / "ranks", dists, progress, resume)]
+            for r in (run_variants(cfg, out / "ranks", dists, progress, resume) if dists else [])]
     sets = position_layers(L)
     curves = {}
     for p in positions:
@@ -494,7 +496,7 @@ def pretest_ranks(cfg: Config, out: Path, budget: int | None = None, positions: 
     lines = [f"{_header(cfg, 'ranks')}; distributions: budget {budget} over {L} layers (paper: 96 over 12)", "",
              "| distribution | ranks (input -> output) | final acc % | best acc % | mean round time (virtual s) |",
              "|---|---|---|---|---|"]
-    for r in rows[:len(DISTRIBUTIONS)]:
+    for r in rows[:len(dists)]:
         lines.append(f"| {r['variant']} | {' '.join(map(str, r['ranks']))} | {_pct(r['final_accuracy'])} | "
                      f"{_pct(r['best_accuracy'])} | {r['mean_round_time_s']:.1f} |")
     lines.append("\nPaper (RoBERTa-base, SST-2): inc best at 94.9 %, up to 1.6 points above the others.")
@@ -518,7 +520,7 @@ def pretest_ranks(cfg: Config, out: Path, budget: int | None = None, positions: 
     a1.grid(alpha=0.3)
     if curves:
         a1.legend()
-    drows = rows[:len(DISTRIBUTIONS)]
+    drows = rows[:len(dists)]
     a2.bar([r["variant"] for r in drows], [100 * (r["final_accuracy"] or 0) for r in drows], color="tab:blue")
     accs = [100 * r["final_accuracy"] for r in drows if r["final_accuracy"] is not None]
     if accs:
@@ -531,7 +533,8 @@ def pretest_ranks(cfg: Config, out: Path, budget: int | None = None, positions: 
 
 def run_pretest(kind: str, cfg: Config, out: str | Path, *, rank: int = 8, depths: list[int] | None = None,
                 budget: int | None = None, positions: list[str] | None = None, sweep: list[int] | None = None,
-                measure_steps: int = 5, progress: bool = True, resume: bool = False) -> list[dict]:
+                measure_steps: int = 5, progress: bool = True, resume: bool = False,
+                distributions: list[str] | None = None) -> list[dict]:
     """One pre-test into `out` (KIND.csv, KIND.md, KIND.png and one run folder per layout in OUT/KIND/)."""
     if kind not in KINDS:
         raise PretestError(f"unknown pre-test {kind!r}; use one of {', '.join(KINDS)}")
@@ -544,4 +547,4 @@ def run_pretest(kind: str, cfg: Config, out: str | Path, *, rank: int = 8, depth
         return pretest_position(cfg, out, rank, progress, resume)
     if kind == "depth":
         return pretest_depth(cfg, out, rank, depths, measure_steps, progress, resume)
-    return pretest_ranks(cfg, out, budget, positions, sweep, progress, resume)
+    return pretest_ranks(cfg, out, budget, positions, sweep, progress, resume, distributions)
