@@ -117,13 +117,13 @@ def cmd_pretest(a: argparse.Namespace) -> int:
     over = _overrides(a)
     over["fleet.devices"] = a.devices or PAPER_DEVICES   # the paper's pre-tests: 10 devices
     cfg = load_config(a.config, over, preset=a.preset)
-    positions = None if a.positions is None else [p.strip() for p in a.positions.split(",")
-                                                  if p.strip() and p.strip() != "none"]
+    positions, dists = (None if v is None else [p.strip() for p in v.split(",") if p.strip() not in ("", "none")]
+                        for v in (a.positions, a.distributions))
     print(f"fedlegend pretest {a.kind}: {cfg.model.name} / {cfg.data.name}, {cfg.fleet.devices} devices, "
           f"{cfg.run.rounds} rounds -> {a.out}", file=sys.stderr)
     run_pretest(a.kind, cfg, a.out, rank=a.rank, depths=parse_ints(a.depths, "--depths"), budget=a.budget,
                 positions=positions, sweep=parse_ints(a.sweep_ranks, "--sweep-ranks"), measure_steps=a.measure_steps,
-                progress=not a.quiet, resume=a.resume)
+                progress=not a.quiet, resume=a.resume, distributions=dists)
     print(f"outputs in {a.out}/: {a.kind}.csv {a.kind}.md {a.kind}.png, one run folder per layout in {a.kind}/")
     return 0
 
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                      "the paper: 96 over 12)")
     pre.add_argument("--positions", help="ranks: layer positions of the rank sweep, comma-separated from all, "
                      "shallow, middle, deep (default all four; none: no sweep)")
+    pre.add_argument("--distributions", help="ranks: comma-separated from inc, dec, uniform, random (default all "
+                     "four; none: only the sweep)")
     pre.add_argument("--sweep-ranks", help="ranks: the sweep's ranks (default 1,2,4,8,16,32,64,128)")
     _add_common(pre)
     pre.set_defaults(func=cmd_pretest)
