@@ -18,7 +18,8 @@ aggregation (plan_round, finish_round), bookkeeping (the rest: records, checkpoi
 plot). Each figure is given in wall-clock seconds and in CPU-seconds of the process (all threads;
 time.process_time), which other jobs on a shared machine skew far less; the 80-device extrapolation
 is given for both. Peak memory is the process's maximum RSS (getrusage). The load average is printed
-and saved, since a shared machine skews every wall-clock figure. With --profile, the default case runs under pyinstrument
+and saved, since a shared machine skews every wall-clock figure. With --profile, the default case (or those of
+--profile-cases) runs under pyinstrument
 (pip install -e '.[dev]') and writes its text report.
 """
 
@@ -153,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-rounds", type=int, default=2, help="rounds of the memory cases")
     ap.add_argument("--threads", type=int, help="run.threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--profile", help="write a pyinstrument text profile of the default case here")
+    ap.add_argument("--profile", help="write a pyinstrument text profile of each case in --profile-cases here "
+                    "('{case}' in the path is replaced by the case's name)")
+    ap.add_argument("--profile-cases", default="default", help="the cases --profile profiles (default: default)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/wallclock.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown cases {sorted(unknown)}; choose from {', '.join(all_cases)}")
     results = []
     for n in names:
-        results.append(run_case(n, all_cases[n], a.profile if n == "default" else None))
+        profiled = a.profile and n in {c.strip() for c in a.profile_cases.split(",")}
+        results.append(run_case(n, all_cases[n], a.profile.replace("{case}", n) if profiled else None))
         print_row(results[-1])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"bench": "wallclock", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

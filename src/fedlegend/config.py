@@ -207,6 +207,9 @@ class RunConfig(_Section):
     eval_every: int = Field(5, ge=1)
     target_accuracy: float = Field(0.75, gt=0, le=1)
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+    eval_precision: Literal["fp32", "bf16"] | None = Field(
+        None, description="precision of evaluation only (training keeps run.precision); default: run.precision. "
+        "bf16 halves evaluation on a CPU with AVX512-BF16 and moves scores slightly (docs/benchmarks.md)")
     engine: Literal["local", "flower"] = Field("local", description="local: in-process loop; flower: Flower's "
                                                "simulation engine, one SuperNode per device (same records)")
     device: str = Field("auto",

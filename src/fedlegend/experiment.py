@@ -187,6 +187,7 @@ def make_fleet(cfg: Config) -> Fleet:
 def load_base_model(cfg: Config, source: ModelSource, num_labels: int) -> tuple[torch.nn.Module, ModelSpec]:
     device = resolve_device(cfg.run.device)   # run.device / run.precision: a clear error before the model loads
     check_precision(cfg.run.precision, device)
+    check_precision(cfg.run.eval_precision or cfg.run.precision, device)
     seed_everything(cfg.run.seed)  # fixes the head's and the LoRA tensors' initialisation
     model = build_model(source.asset.kind, source.asset.path, num_labels=num_labels, dropout=cfg.model.dropout)
     return model.to(device), inspect_model(model, source.asset.target_modules, str(source.asset.path))

@@ -280,7 +280,7 @@ def record_round(exp: Experiment, round_: int, clock: float, state: AdapterState
     rec = {"round": round_, "virtual_time_s": clock, "accuracy": None, "loss": None, **out.record}
     if round_ % cfg.run.eval_every == 0 or round_ == privacy.last_round(cfg):
         score = evaluate(exp.host, exp.task, state, exp.test, cfg.train.eval_batch_size, exp.pad_id,
-                         precision=cfg.run.precision)
+                         precision=cfg.run.eval_precision or cfg.run.precision)
         rec["accuracy"], rec["loss"] = score.accuracy, score.loss
     return rec
 
