@@ -128,7 +128,7 @@ def dry_depth_mix(base: dict) -> dict[int, int]:
     cost model's times, which come from the batch shapes, so local training is replaced by the
     shapes it would draw (engine.local.planned_work's draws) and the unchanged payload."""
     import fedlegend.engine.local as local
-    from fedlegend.client import LocalResult
+    from fedlegend.client import LocalResult, step_shape
     from fedlegend.config import build_config
     from fedlegend.data import sample_batches
     from fedlegend.experiment import build_experiment
@@ -139,9 +139,9 @@ def dry_depth_mix(base: dict) -> dict[int, int]:
     def no_training(host, task, plan, payload, data, *, steps, batch_size, rng, pad_id, **_):
         rng.integers(2**62)
         lengths = [len(x) for x in data.ids]
-        shapes = [tuple(task.batch(data, idx, pad_id)["input_ids"].shape)
+        shapes = [step_shape(task, task.batch(data, idx, pad_id))
                   for idx in sample_batches(len(data), steps, min(batch_size, len(data)), rng, lengths)]
-        return LocalResult(trained_part(payload, plan), sum(b for b, _ in shapes), 0.0, shapes)
+        return LocalResult(trained_part(payload, plan), sum(b for b, _, _ in shapes), 0.0, shapes)
 
     local.train_local, real = no_training, local.train_local
     try:

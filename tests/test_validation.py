@@ -91,7 +91,7 @@ def setup_of(name: str, method_ctx) -> SimpleNamespace:
 def reply(dev: int, state: dict, plan: LoraPlan) -> DeviceResult:
     rt = RoundTime(1.0, 2.0, 3.0, 1.0 + dev)
     report = StatusReport(dev, 3.0, 3.0 / max(plan.depth, 1), 1.0 / max(sum(plan.ranks.values()), 1), 8)
-    return DeviceResult(dev, LocalResult(state, 8 + dev, 0.5, [(4, 16)]), rt, report)
+    return DeviceResult(dev, LocalResult(state, 8 + dev, 0.5, [(4, 16, 1)]), rt, report)
 
 
 # ---------------------------------------------------------------- malformed updates
@@ -252,7 +252,7 @@ def _wire_samples():
                "layers.1.q.residual": torch.zeros(5, 5), "head.weight": torch.randn(2, 5)}
     toml = dump_config(Config())
     train = assignment_to_content(Dispatch(3, Assignment(plan, payload, 1234), 5, 2e-3), toml)
-    res = DeviceResult(2, LocalResult(trained_part(payload, plan), 16, 0.7, [(8, 20), (8, 31)]),
+    res = DeviceResult(2, LocalResult(trained_part(payload, plan), 16, 0.7, [(8, 20, 1), (8, 31, 1)]),
                        RoundTime(0.5, 1.0, 2.0, 0.25), StatusReport(2, 1.5, 1.0, 0.05, 16))
     return train, result_to_content(res, 3), result_to_content(DeviceFailure(2, "rejected", "diverged"), 3)
 
