@@ -102,12 +102,26 @@ def child(overrides: dict, profile: str | None) -> dict:
 
 
 def cases(a) -> dict[str, dict]:
-    base = {"run.device": a.device, **({"run.threads": a.threads} if a.threads else {})}
+    base = {"run.device": a.device, **({"run.threads": a.threads} if a.threads else {}), **parse_sets(a.set)}
     out = {"default": {**base, "run.rounds": a.rounds},
            "devices80": {**base, "fleet.devices": 80, "run.rounds": a.rounds_80}}
     for n in (10, 80, 500):
         out[f"mem{n}"] = {**base, "fleet.devices": n, "run.rounds": a.mem_rounds, "train.local_steps": 1,
                           "train.batch_size": 1, "data.eval_subset": 64}
+    return out
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """--set KEY=VALUE overrides (config keys, e.g. run.eval_precision=bf16); values read as JSON when they parse."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {item!r}: use KEY=VALUE, e.g. run.eval_precision=bf16")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
     return out
 
 
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-rounds", type=int, default=2, help="rounds of the memory cases")
     ap.add_argument("--threads", type=int, help="run.threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a config override for every case (repeatable), e.g. --set run.eval_precision=bf16")
     ap.add_argument("--profile", help="write a pyinstrument text profile of each case in --profile-cases here "
                     "('{case}' in the path is replaced by the case's name)")
     ap.add_argument("--profile-cases", default="default", help="the cases --profile profiles (default: default)")
