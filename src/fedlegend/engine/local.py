@@ -25,6 +25,7 @@ import torch
 
 from ..client import LocalResult, LocalTrainingError, evaluate, step_shape, train_local
 from ..data import sample_batches
+from ..device_cache import CachedRound, frozen_version, record_fields
 from ..devices import RoundTime, Work, round_work
 from .. import privacy
 from ..experiment import Experiment
@@ -41,10 +42,13 @@ def lr_at(round_: int, rounds: int, lr: float, schedule: str) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * (round_ - 1) / rounds))
 
 
-def status_report(device: int, rt: RoundTime, plan: LoraPlan, samples: int) -> StatusReport:
-    """What a device reports (section 4.3): mu-hat per trained layer, beta-hat per unit rank."""
-    return StatusReport(device=device, fixed_s=rt.download_s + rt.forward_s,
-                        backward_per_layer_s=rt.backward_s / max(plan.depth, 1),
+def status_report(device: int, rt: RoundTime, plan: LoraPlan, samples: int, top_forward_s: float = 0.0) -> StatusReport:
+    """What a device reports (section 4.3): mu-hat per trained layer, beta-hat per unit rank.
+
+    `top_forward_s`: the part of the forward that grows with the depth (with the device activation
+    cache on: the trained span's forward, device_cache.py); it counts with mu, not with t-hat."""
+    return StatusReport(device=device, fixed_s=rt.download_s + rt.forward_s - top_forward_s,
+                        backward_per_layer_s=(rt.backward_s + top_forward_s) / max(plan.depth, 1),
                         upload_per_rank_s=rt.upload_s / max(sum(plan.ranks.values()), 1), samples=samples)
 
 
@@ -91,6 +95,7 @@ class DeviceResult:
     local: LocalResult
     time: RoundTime
     report: StatusReport
+    cache: dict | None = None   # the device activation cache's row fields (CachedRound.row), when the fleet keeps one
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ def device_row(plan: LoraPlan, res: DeviceResult) -> dict:
     return {"id": plan.device, "depth": plan.depth, "layers": plan.layers,
             "ranks": [plan.ranks[l] for l in plan.layers], "time_s": rt.total_s,
             "compute_s": rt.forward_s + rt.backward_s, "comm_s": rt.download_s + rt.upload_s,
-            "samples": res.local.samples, "loss": res.local.loss}
+            "samples": res.local.samples, "loss": res.local.loss, **(res.cache or {})}
 
 
 def rejected_bytes(state) -> int:
@@ -225,7 +230,8 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
               "mean_waiting_s": float(np.mean([r["waiting_s"] for r in rows])) if rows else 0.0,
               "bytes_down": bytes_down, "bytes_up": bytes_up, "lr": rp.lr,
               "train_loss": float(np.mean(losses)) if losses else None,
-              "devices": rows, "events": events, **privacy.record_fields(exp.cfg, rp.round)}
+              "devices": rows, "events": events, **privacy.record_fields(exp.cfg, rp.round),
+              **record_fields(exp.fleet.cache, rows)}
     return RoundOutcome(agg.state, record, reports)
 
 
@@ -235,15 +241,38 @@ def device_rng(exp: Experiment, a: Dispatch) -> np.random.Generator:
     return np.random.default_rng([exp.cfg.run.seed, 3, a.device, a.round])
 
 
-def planned_work(exp: Experiment, a: Dispatch) -> Work:
-    """The compute of the assignment's local training, without training: the batches `train_local`
-    draws from the device's stream (its first draw seeds torch, then `sample_batches`), no upload."""
+def planned_batches(exp: Experiment, a: Dispatch) -> list[np.ndarray]:
+    """The batches (the device's example indices) `train_local` draws for the assignment from the
+    device's stream: its first draw seeds torch, then `sample_batches`."""
     data, rng = exp.device_data(a.device), device_rng(exp, a)
     rng.integers(2**62)
     lengths = [len(x) for x in data.ids]
-    shapes = [step_shape(exp.task, exp.task.batch(data, idx, exp.pad_id))
-              for idx in sample_batches(len(data), a.steps, min(exp.cfg.train.batch_size, len(data)), rng, lengths)]
-    return round_work(exp.spec, a.plan.ranks, shapes, a.download_bytes, 0)
+    return sample_batches(len(data), a.steps, min(exp.cfg.train.batch_size, len(data)), rng, lengths)
+
+
+def planned_shapes(exp: Experiment, a: Dispatch) -> list[tuple[int, int, int]]:
+    data = exp.device_data(a.device)
+    return [step_shape(exp.task, exp.task.batch(data, idx, exp.pad_id)) for idx in planned_batches(exp, a)]
+
+
+def planned_work(exp: Experiment, a: Dispatch) -> Work:
+    """The compute of the assignment's local training, without training (planned_batches), no upload."""
+    return round_work(exp.spec, a.plan.ranks, planned_shapes(exp, a), a.download_bytes, 0)
+
+
+def device_time(exp: Experiment, a: Dispatch, work: Work, shapes: list[tuple[int, int, int]] | None = None,
+                keep: bool = True) -> tuple[RoundTime, CachedRound | None]:
+    """The fleet's virtual time of `work` (round_work of `shapes`; None: the planned ones), less the prefix
+    forward the device's activation cache serves when the fleet keeps one (device_cache.py; keep=False:
+    priced, the cache left as it was, for a device that fails)."""
+    caches = exp.fleet.cache
+    if caches is None:
+        return exp.fleet.time(a.device, a.round, work), None
+    data = exp.device_data(a.device)
+    priced = caches.price(a.device, exp.spec, a.plan.ranks, planned_batches(exp, a),
+                          planned_shapes(exp, a) if shapes is None else shapes, [len(x) for x in data.ids],
+                          frozen_version(exp.method.info.residual, a.round), work, keep)
+    return exp.fleet.time(a.device, a.round, priced.work), priced
 
 
 def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
@@ -255,7 +284,7 @@ def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
     cfg, dev = exp.cfg, a.device
     share = exp.fleet.dropout(dev, a.round)
     if share is not None:
-        rt = exp.fleet.time(dev, a.round, planned_work(exp, a))
+        rt, _ = device_time(exp, a, planned_work(exp, a), keep=False)
         return DeviceFailure(dev, "dropped", f"dropped out after {share:.0%} of its local compute, before upload",
                              rt.download_s + share * (rt.forward_s + rt.backward_s))
     try:
@@ -264,13 +293,21 @@ def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
                           weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
                           precision=cfg.run.precision, prefix_cache=exp.prefix_cache)
     except LocalTrainingError as err:
-        rt = exp.fleet.time(dev, a.round, planned_work(exp, a))
+        rt, _ = device_time(exp, a, planned_work(exp, a), keep=False)
         return DeviceFailure(dev, "rejected", str(err), rt.download_s + rt.forward_s + rt.backward_s)
     res = privacy.device_side(exp, a, res)  # DP: the update clipped (local DP: noised) before it leaves
+    return device_result(exp, a, res)
+
+
+def device_result(exp: Experiment, a: Dispatch, res: LocalResult) -> DeviceResult:
+    """A device's finished local training priced by the fleet's cost model: virtual time and status report."""
     # the server decided the wire size (a device's own method object holds no server state)
-    rt = exp.fleet.time(dev, a.round, round_work(exp.spec, a.plan.ranks, res.batch_shapes, a.download_bytes,
-                                                 state_bytes(res.state)))
-    return DeviceResult(dev, res, rt, status_report(dev, rt, a.plan, res.samples))
+    rt, cached = device_time(exp, a, round_work(exp.spec, a.plan.ranks, res.batch_shapes, a.download_bytes,
+                                                state_bytes(res.state)), res.batch_shapes)
+    if cached is None:
+        return DeviceResult(a.device, res, rt, status_report(a.device, rt, a.plan, res.samples))
+    top_s = rt.forward_s * cached.top_forward_flops / cached.work.forward_flops   # same device speed
+    return DeviceResult(a.device, res, rt, status_report(a.device, rt, a.plan, res.samples, top_s), cached.row())
 
 
 # ------------------------------------------------------------------ the local loop
@@ -296,6 +333,7 @@ class Snapshot:
     estimates: dict[int, Estimate]
     method: dict
     records: list[dict]
+    devices: dict = field(default_factory=dict)   # the fleet's device activation caches (device_cache.py), if kept
 
 
 class Server:
@@ -317,6 +355,8 @@ class Server:
             self.records = [dict(r) for r in resume.records]
             self.estimator.estimates = dict(resume.estimates)
             exp.method.load_state_dict(resume.method)
+        if exp.fleet.cache is not None:   # the devices' caches: empty at the start, as saved on resume
+            exp.fleet.cache.load_state_dict(resume.devices if resume is not None else {})
 
     def plan(self, round_: int) -> RoundPlan:
         return plan_round(self.exp, round_, self.state, self.estimator)
@@ -337,8 +377,10 @@ class Server:
         return rec
 
     def snapshot(self) -> Snapshot:
+        caches = self.exp.fleet.cache
         return Snapshot(self.round, self.clock, self.state, dict(self.estimator.estimates),
-                        self.exp.method.state_dict(), list(self.records))
+                        self.exp.method.state_dict(), list(self.records),
+                        caches.state_dict() if caches is not None else {})
 
 
 def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
