@@ -75,7 +75,11 @@ def train_test_sources(ds, test_size: int) -> tuple[tuple[object, list[int]], tu
 def encode(tokenizer, texts: list[str], labels: list[int], max_length: int,
            pairs: list[str] | None = None) -> Encoded:
     """Token ids of single texts, or of text pairs (the tokenizer's pair encoding: [CLS] a [SEP] b [SEP]
-    for BERT, <s> a </s></s> b </s> for MPNet); a pair over max_length loses tokens from its longer side."""
+    for BERT, <s> a </s></s> b </s> for MPNet); a pair over max_length loses tokens from its longer side.
+    A tokenizer without a separator token (a decoder's: it would glue b onto a) gets one text, the pair's
+    second text on a line of its own; over max_length it loses the second text's end."""
+    if pairs is not None and getattr(tokenizer, "sep_token", None) is None:
+        texts, pairs = [f"{a}\n{b}" for a, b in zip(texts, pairs)], None
     out = tokenizer(texts, pairs, truncation="longest_first" if pairs is not None else True,
                     max_length=max_length, add_special_tokens=True)
     type_ids = list(out["token_type_ids"]) if pairs is not None and "token_type_ids" in out else None

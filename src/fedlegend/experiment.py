@@ -35,7 +35,7 @@ from .execution import check_precision, resolve_device
 from .hosts import AdapterHost, build_host
 from .methods import Method, MethodContext, make_method
 from .methods.aggregation import with_zero_residuals
-from .models import build_model
+from .models import build_model, model_kind
 from .prefix_cache import PrefixCache, cache_for
 from .spec import AdapterState, ModelSpec, inspect_model
 from .lmdata import load_dataset, task_kind
@@ -189,7 +189,8 @@ def load_base_model(cfg: Config, source: ModelSource, num_labels: int) -> tuple[
     check_precision(cfg.run.precision, device)
     check_precision(cfg.run.eval_precision or cfg.run.precision, device)
     seed_everything(cfg.run.seed)  # fixes the head's and the LoRA tensors' initialisation
-    model = build_model(source.asset.kind, source.asset.path, num_labels=num_labels, dropout=cfg.model.dropout)
+    kind = model_kind(source.asset.kind, task_kind(cfg.data))   # a decoder that classifies gets a head
+    model = build_model(kind, source.asset.path, num_labels=num_labels, dropout=cfg.model.dropout)
     return model.to(device), inspect_model(model, source.asset.target_modules, str(source.asset.path))
 
 

@@ -4,6 +4,7 @@ Canonical adapter state (one layout for every method, host and engine): a flat d
     "layers.{l}.{module}.lora_A" -> (r_l, d_in)     "layers.{l}.{module}.lora_B" -> (d_out, r_l)
     "head.{param}"               -> the task head's tensors (trained and aggregated too); a decoder
                                     (causal LM) has none: its output layer (lm_head) stays frozen
+                                    (a decoder that classifies has a head, as an encoder)
 with `module` the path inside transformer layer l (e.g. "attention.self.query"). A and B are
 oriented as peft stores them for nn.Linear, so the update is B @ A (d_out x d_in).
 Methods that fold updates into the frozen weight (FLoRA, FedEx-LoRA) add
@@ -69,7 +70,8 @@ class ModelSpec:
     """What the methods, the cost model and the engine need to know of a model.
 
     Encoders carry a trained task head (`head_module`, `head_shapes`); decoders (kind "decoder",
-    causal LMs) carry none: head_module is "" and their output layer over the `vocab` is frozen.
+    causal LMs) carry none: head_module is "" and their output layer over the `vocab` is frozen,
+    except a decoder that classifies (models.LastTokenClassifier): a trained head, vocab 0.
     The cost model prices a block by `block_macs` (multiply-accumulates per token of the block's
     Linear layers, read off the model: grouped-query attention and gated MLPs priced as they are)
     and its attention by `attn_width` (heads x head_dim); 0 means the encoder formula (4h^2 + 2hi, h).
@@ -151,12 +153,14 @@ def inspect_model(model: torch.nn.Module, target_modules: tuple[str, ...], sourc
     spec = dict(num_layers=L, hidden=int(cfg.hidden_size),
                 intermediate=int(getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size),
                 targets=tuple(sorted(targets, key=lambda t: (t.layer, t.module))))
-    if lm_head is None:
-        return ModelSpec(**spec, head_module=head, head_shapes=head_shapes,
-                         num_labels=int(getattr(model, "num_labels", cfg.num_labels)))
+    num_labels = int(getattr(model, "num_labels", cfg.num_labels)) if head else 0
+    if lm_head is None and getattr(model, "backbone_kind", "") != "decoder":
+        return ModelSpec(**spec, head_module=head, head_shapes=head_shapes, num_labels=num_labels)
+    # a decoder: its lm_head (frozen, priced over the vocabulary), or a classifier's trained head
+    # (models.LastTokenClassifier: the blocks priced as a decoder's, the head as an encoder's)
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    return ModelSpec(**spec, head_module="", head_shapes={}, num_labels=0, kind="decoder",
+    return ModelSpec(**spec, head_module=head or "", head_shapes=head_shapes, num_labels=num_labels, kind="decoder",
                      block_macs=sum(m.in_features * m.out_features for _, _, m in linears[0]),
-                     attn_width=heads * head_dim, vocab=int(lm_head.out_features))
+                     attn_width=heads * head_dim, vocab=int(lm_head.out_features) if lm_head is not None else 0)
 

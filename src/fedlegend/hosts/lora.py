@@ -41,7 +41,7 @@ def lora_config(spec: ModelSpec, ranks: Ranks, alpha_over_rank: float, dropout: 
     return LoraConfig(r=first, lora_alpha=alpha_over_rank * first, target_modules=names,
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, lora_dropout=dropout,
                       modules_to_save=[spec.head_module] if spec.has_head else None, bias="none",
-                      task_type="CAUSAL_LM" if spec.kind == "decoder" else None)
+                      task_type="CAUSAL_LM" if spec.vocab else None)   # a classifying decoder: none
 
 
 def weight_digest(weight: torch.Tensor) -> str:

@@ -13,13 +13,19 @@ from typing import Callable
 
 from torch import nn
 
-from .decoder import load_causal_lm, load_tokenizer
+from .decoder import LastTokenClassifier, load_causal_lm, load_decoder_classifier, load_tokenizer
 from .encoder import MeanPoolClassifier, load_base_model
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "encoder": load_base_model,   # a sentence encoder with a mean-pooling classification head
     "decoder": load_causal_lm,    # a causal LM as it is (its lm_head frozen, no task head)
+    "decoder-classifier": load_decoder_classifier,   # a causal LM's blocks + a head on the last token
 }
+
+
+def model_kind(asset_kind: str, task: str) -> str:
+    """The loader for a model folder's kind and the task: a decoder that classifies gets a head."""
+    return "decoder-classifier" if asset_kind == "decoder" and task == "classification" else asset_kind
 
 
 def build_model(kind: str, path: str | Path, num_labels: int, dropout: float = 0.1) -> nn.Module:
@@ -28,4 +34,5 @@ def build_model(kind: str, path: str | Path, num_labels: int, dropout: float = 0
     return MODELS[kind](path, num_labels=num_labels, dropout=dropout)
 
 
-__all__ = ["MODELS", "MeanPoolClassifier", "build_model", "load_base_model", "load_causal_lm", "load_tokenizer"]
+__all__ = ["MODELS", "LastTokenClassifier", "MeanPoolClassifier", "build_model", "load_base_model", "load_causal_lm",
+           "load_decoder_classifier", "load_tokenizer", "model_kind"]

@@ -7,6 +7,13 @@ LoRA adapter loads with
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), adapter_folder)
 and generates.
 
+Classification on a decoder (data.task = classification with a causal LM, `LastTokenClassifier`):
+the decoder's blocks without their lm_head (AutoModel) and a trained linear head on the hidden state
+of each sequence's last real token (the one that has seen the whole text, as transformers'
+...ForSequenceClassification pools), kept under the encoder's head keys ("head.weight", "head.bias")
+so every method trains and aggregates it as an encoder's head. Export:
+    PeftModel.from_pretrained(load_decoder_classifier(base_folder, num_labels), adapter_folder)
+
 Also here: the folder checks of a user's decoder (a causal LM with a tokenizer), the pad token
 (Llama tokenizers have none: eos pads) and the one-time conversion of a GGUF file (the packaged
 SmolLM2) to a plain fp32 Hugging Face folder.
@@ -113,6 +120,66 @@ def load_causal_lm(path: str | Path, num_labels: int = 0, dropout: float = 0.0) 
         if isinstance(m, nn.Dropout):
             m.p = dropout
     return model
+
+
+class LastTokenClassifier(nn.Module):
+    """A decoder's blocks plus a linear head on the last real token's hidden state.
+
+    The last real token is found from the attention mask (the last position whose mask is 1), never
+    from the pad id (a decoder's pad token is usually its eos), and positions count real tokens
+    only, so right- and left-padded batches give the same logits. `backbone_kind` tells fedlegend.spec.inspect_model to price the blocks as
+    a decoder's."""
+    backbone_kind = "decoder"
+
+    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config          # peft and inspect_model read the decoder's config
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask.any(1).all()):
+            raise ValueError("a sequence of the batch has no real token (its attention mask is all 0)")
+        # positions count real tokens only, so left padding gives what right padding gives; segments
+        # (token_type_ids) mean nothing to a decoder: a pair is one text (data.encode)
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=positions).last_hidden_state
+        cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.bool() * (cols + 1)).argmax(1)       # the last position with mask 1
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        logits = self.classifier(self.dropout(pooled))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def load_decoder_classifier(path: str | Path, num_labels: int, dropout: float = 0.0) -> LastTokenClassifier:
+    """A pretrained causal LM's blocks (fp32, from a local folder; its lm_head is not loaded) plus a fresh
+    classification head of `num_labels` outputs; `dropout` replaces the config's rates and is the head's."""
+    from transformers import AutoConfig, AutoModel
+
+    check_decoder_folder(path)
+    if num_labels < 2:
+        raise ModelError(f"{path}: classification on a decoder needs two or more labels, got {num_labels}")
+    config = AutoConfig.from_pretrained(str(path))
+    for key in DROPOUT_KEYS:
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, float(dropout))
+    try:
+        backbone = AutoModel.from_pretrained(str(path), config=config, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot load the decoder's blocks ({' '.join(str(err).split())[:300]}); give a "
+                         "Hugging Face causal-LM folder with config.json and weights") from None
+    for m in backbone.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = dropout
+    return LastTokenClassifier(backbone, num_labels, dropout)
 
 
 def convert_gguf(gguf_file: str | Path, target: str | Path) -> Path:

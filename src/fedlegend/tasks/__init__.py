@@ -21,13 +21,10 @@ TASKS: dict[str, type[Task]] = {
 
 def check_fits(task: str, model_kind: str, model_name: str = "") -> None:
     """A task the model can do: multiple choice and generation read a causal LM's next-token logits;
-    classification needs an encoder's head."""
+    classification runs on an encoder's head or on a decoder's last token (models.LastTokenClassifier)."""
     from ..errors import UserError
 
     model = f"model {model_name!r}" if model_name else "the model"
-    if model_kind == "decoder" and task == "classification":
-        raise UserError(f"{model} is a decoder (causal LM): use data.task = 'multiple-choice' or 'generation' "
-                        "(e.g. data.name = 'mmlu' or 'math'), or an encoder (minilm-l6, mpnet-base) for classification")
     if model_kind != "decoder" and task != "classification":
         raise UserError(f"data.task {task!r} needs a decoder (causal LM), and {model} is an encoder: use "
                         "model.name = 'smollm2-135m' or a local causal-LM folder")
