@@ -317,16 +317,19 @@ RANKS_FIELDS = ["group", "variant", "position", "layers", "ranks", "budget", "fi
                 "gain_vs_lowest_rank", "mean_round_time_s", "virtual_time_s", "paper_gain_pct"]
 
 
-def pretest_position(cfg: Config, out: Path, rank: int = 8, progress: bool = True, resume: bool = False) -> list[dict]:
-    """Fig. 3: LoRA (rank `rank`) on all layers and on each third; final accuracy and time."""
+def pretest_position(cfg: Config, out: Path, rank: int = 8, progress: bool = True, resume: bool = False,
+                     positions: list[str] | None = None) -> list[dict]:
+    """Fig. 3: LoRA (rank `rank`) on all layers and on each third (or only `positions`); final accuracy
+    and time."""
     L = _num_layers(cfg)
     sets = position_layers(L)
-    variants = [Variant(p, {l: rank for l in sets[p]}) for p in POSITIONS]
+    chosen = _check_positions(list(POSITIONS) if not positions else positions)
+    variants = [Variant(p, {l: rank for l in sets[p]}) for p in chosen]
     rows = run_variants(cfg, out / "position", variants, progress, resume)
     for r in rows:
         r["paper_final_accuracy_pct"] = PAPER["position"]["final_accuracy_pct"][r["variant"]]
     write_csv(out / "position.csv", rows, POSITION_FIELDS)
-    deep = next(r for r in rows if r["variant"] == "deep")
+    deep = next((r for r in rows if r["variant"] == "deep"), rows[-1])
     lines = [f"{_header(cfg, 'position')}, rank {rank} on the chosen layers (paper: RoBERTa-base 12 layers, SST-2, "
              "10 devices)", "",
              "| layers | which | final acc % | paper % | time to target (s) | mean round time (s) | deep's speed-up "
@@ -355,6 +358,13 @@ def pretest_position(cfg: Config, out: Path, rank: int = 8, progress: bool = Tru
     fig.suptitle(_header(cfg, "position"), fontsize=9)
     save(fig, out / "position.png")
     return rows
+
+
+def _check_positions(positions: list[str]) -> list[str]:
+    bad = [p for p in positions if p not in POSITIONS]
+    if bad:
+        raise PretestError(f"unknown layer position(s) {bad}; use {', '.join(POSITIONS)} (or none)")
+    return positions
 
 
 def _span(layers: list[int]) -> str:
@@ -469,10 +479,7 @@ def pretest_ranks(cfg: Config, out: Path, budget: int | None = None, positions: 
     per layer); (a) the rank sweep on each chosen layer position."""
     L = _num_layers(cfg)
     budget = budget or 8 * L
-    positions = list(POSITIONS) if positions is None else positions
-    bad = [p for p in positions if p not in POSITIONS]
-    if bad:
-        raise PretestError(f"unknown layer position(s) {bad}; use {', '.join(POSITIONS)} (or none)")
+    positions = _check_positions(list(POSITIONS) if positions is None else positions)
     sweep = sorted(set(SWEEP_RANKS if sweep is None else sweep))
     if any(r < 1 for r in sweep):
         raise PretestError(f"sweep ranks must be >= 1, got {sweep}")
@@ -544,7 +551,7 @@ def run_pretest(kind: str, cfg: Config, out: str | Path, *, rank: int = 8, depth
     out = Path(out)
     (out / kind).mkdir(parents=True, exist_ok=True)
     if kind == "position":
-        return pretest_position(cfg, out, rank, progress, resume)
+        return pretest_position(cfg, out, rank, progress, resume, positions)
     if kind == "depth":
         return pretest_depth(cfg, out, rank, depths, measure_steps, progress, resume)
     return pretest_ranks(cfg, out, budget, positions, sweep, progress, resume, distributions)
