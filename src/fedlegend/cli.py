@@ -56,12 +56,27 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-mode", choices=["central", "local"], help="DP: noise on the server (default) or on each device")
     p.add_argument("--secagg", action="store_true", help="secure aggregation: updates summed under Flower's SecAgg+ "
                    "(with --engine flower; privacy.secure_aggregation; docs/privacy.md)")
+    p.add_argument("--batch-devices", nargs="?", const="true", type=_batch_devices, metavar="true|false|auto|N",
+                   help="train the devices of a round that share a layout together (run.batch_devices; alone: true; "
+                   "N: at most N a group; docs/batched.md)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="rerun the frozen layers every step (cache.prefix_cache = false; docs/cache.md)")
     p.add_argument("--device-cache", action="store_true",
                    help="simulated devices keep their frozen layers' outputs across rounds "
                         "(fleet.device_activation_cache = true; docs/device_cache.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _batch_devices(text: str) -> bool | int | str:
+    """--batch-devices VALUE: true / false / auto / an integer (the most devices a group)."""
+    low = text.strip().lower()
+    if low in ("true", "on", "yes"):
+        return True
+    if low in ("false", "off", "no"):
+        return False
+    if low == "auto" or low.isdigit():
+        return "auto" if low == "auto" else int(low)
+    raise argparse.ArgumentTypeError(f"{text!r}: use true, false, auto or a number of devices")
 
 
 def _overrides(a: argparse.Namespace) -> dict:
@@ -78,6 +93,7 @@ def _overrides(a: argparse.Namespace) -> dict:
         "run.engine": a.engine, "run.device": a.device, "run.precision": a.precision,
         "run.eval_precision": a.eval_precision,
         "cache.prefix_cache": False if a.no_prefix_cache else None,
+        "run.batch_devices": a.batch_devices,
         "fleet.device_activation_cache": True if a.device_cache else None,
     }
 
@@ -200,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--budget", type=int, help="ranks: total rank of the distributions (default 8 per layer; "
                      "the paper: 96 over 12)")
     pre.add_argument("--positions", help="ranks: layer positions of the rank sweep, comma-separated from all, "
-                     "shallow, middle, deep (default all four; none: no sweep); position: which of them to train")
+                     "shallow, middle, deep (default all four; none: no sweep)")
     pre.add_argument("--distributions", help="ranks: comma-separated from inc, dec, uniform, random (default all "
                      "four; none: only the sweep)")
     pre.add_argument("--sweep-ranks", help="ranks: the sweep's ranks (default 1,2,4,8,16,32,64,128)")

@@ -217,6 +217,10 @@ class RunConfig(_Section):
                                     "visible, else the CPU), cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (weights and optimizer "
                                                "stay fp32; changes the numbers; pays on GPUs)")
+    batch_devices: bool | int | Literal["auto"] = Field(
+        False, description="train the devices of a round that share a layout together, one forward and backward "
+        "over the shared base model (LoRA host, classification, no dropout; same results within float rounding; "
+        "docs/batched.md); an integer: at most that many devices a group; auto: on a CUDA GPU only")
 
     @field_validator("device")
     @classmethod

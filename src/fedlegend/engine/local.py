@@ -275,12 +275,13 @@ def device_time(exp: Experiment, a: Dispatch, work: Work, shapes: list[tuple[int
     return exp.fleet.time(a.device, a.round, priced.work), priced
 
 
-def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
+def run_device(exp: Experiment, a: Dispatch,
+               local: LocalResult | LocalTrainingError | None = None) -> DeviceResult | DeviceFailure:
     """Local training of one assignment plus the fleet's cost model: virtual time and status report.
 
     A device the fleet drops out this round does not train: it fails after downloading and a drawn
     share of its compute (DeviceFailure "dropped" with that time). A device whose training fails
-    reports it when its planned compute would have ended."""
+    reports it when its planned compute would have ended. `local`: its training already done (batched.py)."""
     cfg, dev = exp.cfg, a.device
     share = exp.fleet.dropout(dev, a.round)
     if share is not None:
@@ -288,10 +289,13 @@ def run_device(exp: Experiment, a: Dispatch) -> DeviceResult | DeviceFailure:
         return DeviceFailure(dev, "dropped", f"dropped out after {share:.0%} of its local compute, before upload",
                              rt.download_s + share * (rt.forward_s + rt.backward_s))
     try:
-        res = train_local(exp.host, exp.task, a.plan, a.payload, exp.device_data(dev), steps=a.steps,
+        res = local if local is not None else train_local(
+                          exp.host, exp.task, a.plan, a.payload, exp.device_data(dev), steps=a.steps,
                           batch_size=cfg.train.batch_size, lr=a.lr, rng=device_rng(exp, a), pad_id=exp.pad_id,
                           weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
                           precision=cfg.run.precision, prefix_cache=exp.prefix_cache)
+        if isinstance(res, LocalTrainingError):
+            raise res
     except LocalTrainingError as err:
         rt, _ = device_time(exp, a, planned_work(exp, a), keep=False)
         return DeviceFailure(dev, "rejected", str(err), rt.download_s + rt.forward_s + rt.backward_s)
@@ -308,6 +312,17 @@ def device_result(exp: Experiment, a: Dispatch, res: LocalResult) -> DeviceResul
         return DeviceResult(a.device, res, rt, status_report(a.device, rt, a.plan, res.samples))
     top_s = rt.forward_s * cached.top_forward_flops / cached.work.forward_flops   # same device speed
     return DeviceResult(a.device, res, rt, status_report(a.device, rt, a.plan, res.samples, top_s), cached.row())
+
+
+def run_devices(exp: Experiment, assignments: dict[int, Dispatch]) -> dict[int, DeviceResult | DeviceFailure]:
+    """Every assignment of a round in this process: one device at a time, or devices of one layout
+    trained together where run.batch_devices asks for it (batched.py; the same results within float
+    rounding, the same virtual time)."""
+    from .. import batched
+    trained = batched.train_round(exp, assignments)
+    replies = {dev: run_device(exp, a, trained.get(dev)) for dev, a in assignments.items()}
+    batched.reseed_as_sequential(exp, assignments, trained)
+    return replies
 
 
 # ------------------------------------------------------------------ the local loop
@@ -402,7 +417,7 @@ def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
                initial=server.round, total=rounds)
     for h in bar:
         rp = server.plan(h)
-        replies = {dev: run_device(exp, a) for dev, a in rp.assignments.items()}
+        replies = run_devices(exp, rp.assignments)
         rec = server.close(h, server.finish(rp, replies))
         if rec["accuracy"] is not None:
             bar.set_postfix(acc=f"{rec['accuracy']:.3f}", vtime=f"{server.clock:.0f}s")
