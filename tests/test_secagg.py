@@ -2,27 +2,22 @@
 
 The padded-sum arithmetic is checked as a pure function against each method's own aggregate.
 The protocol runs for real (Flower's SecAggPlusWorkflow on the server, Flower's secaggplus_mod on
-the ClientApp) over `LocalGrid`: an in-process Grid that hands each message to the ClientApp with
-the node's own persistent Context, as a SuperNode does, without Ray or sockets (seconds, not a
-minute). test_slow_secagg_on_flower_simulation runs it on Flower's simulation engine (Ray).
+the ClientApp) over engine/flower/inprocess.py's Grid: each message goes to the ClientApp with the
+node's own persistent Context, as a SuperNode runs it, without Ray or sockets. test_slow_secagg_on_flower_simulation runs it on Flower's simulation engine (Ray).
 """
 
-import copy
-import itertools
 import os
 
-import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 
 from fedlegend.config import build_config  # noqa: E402
 from fedlegend.engine import flower as fl  # noqa: E402
-from fedlegend.engine.flower.client import make_client_app  # noqa: E402
-from fedlegend.engine.flower.flwr_compat import SECAGG_CONFIGS, ErrorCode, TaskIdentity  # noqa: E402
+from fedlegend.engine.flower.inprocess import run_in_process  # noqa: E402
+from fedlegend.engine.flower.flwr_compat import SECAGG_CONFIGS, TaskIdentity  # noqa: E402
 from fedlegend.engine.flower.secagg import error_bound, quantization_range  # noqa: E402
 from fedlegend.engine.local import run_local  # noqa: E402
 from fedlegend.experiment import build_experiment  # noqa: E402
@@ -138,54 +133,8 @@ def test_methods_whose_rule_is_not_a_sum_are_refused():
 
 
 # ------------------------------------------------------------------ the protocol, in process
-class LocalGrid:
-    """Flower's Grid in process: each message goes to the ClientApp (mods included) with its node's own
-    persistent Context; a ClientApp that raises answers with an error, as a SuperNode's does."""
-
-    def __init__(self, devices: int):
-        self.app = make_client_app()
-        self.contexts = {100 + d: Context(run_id=1, node_id=100 + d,
-                                          node_config={"partition-id": d, "num-partitions": devices},
-                                          state=RecordDict(), run_config={}) for d in range(devices)}
-        self.ids = itertools.count()
-        self.replies: dict[str, Message] = {}
-        self.sent: list[Message] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            mid = f"m{next(self.ids)}"
-            m.metadata.__dict__["_message_id"] = mid
-            self.sent.append(m)
-            # a copy, as serialisation gives a real node (the workflow sends one record to many nodes, and
-            # secaggplus_mod pops keys from the record it receives)
-            delivered = Message(content=copy.deepcopy(m.content), metadata=copy.deepcopy(m.metadata))
-            try:
-                reply = self.app(delivered, self.contexts[m.metadata.dst_node_id])
-            except Exception as err:   # noqa: BLE001 - a SuperNode turns any ClientApp exception into an error reply
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=delivered)
-            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id   # a SuperNode stamps its node id
-            reply.metadata.__dict__["_reply_to_message_id"] = mid
-            self.replies[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-
 def run_on_local_grid(cfg, on_snapshot=None):
-    exp = build_experiment(cfg)
-    strategy = fl.MethodStrategy(exp, poll_s=0.0, on_snapshot=on_snapshot)
-    grid = LocalGrid(cfg.fleet.devices)
-    strategy.run(grid, timeout=60.0)
-    return strategy, grid
+    return run_in_process(build_experiment(cfg), on_snapshot=on_snapshot, timeout=60.0)
 
 
 def test_secagg_gives_the_plain_global_adapter(flower_identity):

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from ...client import LocalResult
 from ...methods.base import Aggregated, UpdateRejected, check_update, trained_part
 from ...privacy.secagg import aggregate_sums, contribution, device_weights, largest_value, zero_contribution
 from ...spec import AdapterState
