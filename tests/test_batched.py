@@ -49,7 +49,7 @@ def payload_for(host, ranks, seed, frozen_a_scale=1.0):
 
 
 def run_both(host, jobs_args, *, batch_size=4, max_grad_norm=1.0, lr=5e-2, steps=3, max_tokens=None,
-             weight_decay=0.01):
+             weight_decay=0.01, prefix_cache=None):
     """Each device alone (train_local) and all of them together (train_group) from the same inputs."""
     task = build_task("classification")
     seq, jobs = {}, []
@@ -57,12 +57,12 @@ def run_both(host, jobs_args, *, batch_size=4, max_grad_norm=1.0, lr=5e-2, steps
         try:
             seq[dev] = train_local(host, task, plan, payload, data, steps=steps, batch_size=batch_size, lr=lr,
                                    rng=np.random.default_rng([7, dev]), pad_id=0, weight_decay=weight_decay,
-                                   max_grad_norm=max_grad_norm)
+                                   max_grad_norm=max_grad_norm, prefix_cache=prefix_cache)
         except LocalTrainingError as err:
             seq[dev] = err
         jobs.append(Job(dev, plan, payload, data, steps, lr, np.random.default_rng([7, dev])))
     bat = train_group(host, task, jobs, batch_size=batch_size, pad_id=0, weight_decay=weight_decay,
-                      max_grad_norm=max_grad_norm, max_tokens=max_tokens)
+                      max_grad_norm=max_grad_norm, max_tokens=max_tokens, prefix_cache=prefix_cache)
     return seq, bat, jobs
 
 
@@ -92,6 +92,18 @@ def test_group_equals_sequential_legend_layouts(max_tokens):
         seq, bat, _ = run_both(host, args, max_tokens=max_tokens)
         assert_same(seq, bat)
         assert bat[2].batch_shapes[0][0] == 3             # its own batch size, not the group's
+
+
+def test_with_the_prefix_cache():
+    """The frozen-prefix cache feeds a group's chunks as it feeds one device's batch (its states are per example)."""
+    from fedlegend.prefix_cache import PrefixCache
+    host = make_host()
+    ranks = {2: 2, 3: 4}
+    cache = PrefixCache(max_mb=16)
+    args = [(d, LoraPlan(d, ranks), payload_for(host, ranks, d), device_data(50 + d, [6, 9, 3][d])) for d in range(3)]
+    seq, bat, _ = run_both(host, args, prefix_cache=cache, max_tokens=40)
+    assert_same(seq, bat)
+    assert cache.stats.hits > 0
 
 
 def test_clipping_is_per_device():
