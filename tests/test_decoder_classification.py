@@ -17,18 +17,7 @@ import torch
 from fedlegend.methods import METHODS
 from fedlegend.methods.base import Estimator
 
-from test_decoder import WORDS, _llama_config, _tokenizer
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny-llama-cls") / "model"
-    torch.manual_seed(0)
-    LlamaForCausalLM(_llama_config()).save_pretrained(d)
-    _tokenizer().save_pretrained(d)
-    return d
+from test_decoder import WORDS, llama_dir  # noqa: F401  (the tiny Llama folder fixture)
 
 
 @pytest.fixture(scope="module")

@@ -101,10 +101,10 @@ def load_tokenizer(folder: str | Path):
     return tok
 
 
-def load_causal_lm(path: str | Path, num_labels: int = 0, dropout: float = 0.0) -> nn.Module:
-    """A pretrained causal LM (fp32) from a local folder, never the network; `num_labels` is unused
-    (the vocabulary is the output). `dropout` replaces the config's dropout rates."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _pretrained(auto_class, path: str | Path, dropout: float, what: str) -> nn.Module:
+    """`auto_class`.from_pretrained of a checked decoder folder (fp32, never the network), its config's
+    and modules' dropout rates replaced by `dropout`; a ModelError naming the folder if it fails."""
+    from transformers import AutoConfig
 
     check_decoder_folder(path)
     config = AutoConfig.from_pretrained(str(path))
@@ -112,14 +112,22 @@ def load_causal_lm(path: str | Path, num_labels: int = 0, dropout: float = 0.0) 
         if isinstance(getattr(config, key, None), float):
             setattr(config, key, float(dropout))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch.float32)
+        model = auto_class.from_pretrained(str(path), config=config, dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot load it as a causal LM ({' '.join(str(err).split())[:300]}); give a "
+        raise ModelError(f"{path}: cannot load {what} ({' '.join(str(err).split())[:300]}); give a "
                          "Hugging Face causal-LM folder with config.json and weights") from None
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = dropout
     return model
+
+
+def load_causal_lm(path: str | Path, num_labels: int = 0, dropout: float = 0.0) -> nn.Module:
+    """A pretrained causal LM (fp32) from a local folder, never the network; `num_labels` is unused
+    (the vocabulary is the output). `dropout` replaces the config's dropout rates."""
+    from transformers import AutoModelForCausalLM
+
+    return _pretrained(AutoModelForCausalLM, path, dropout, "it as a causal LM")
 
 
 class LastTokenClassifier(nn.Module):
@@ -162,24 +170,11 @@ class LastTokenClassifier(nn.Module):
 def load_decoder_classifier(path: str | Path, num_labels: int, dropout: float = 0.0) -> LastTokenClassifier:
     """A pretrained causal LM's blocks (fp32, from a local folder; its lm_head is not loaded) plus a fresh
     classification head of `num_labels` outputs; `dropout` replaces the config's rates and is the head's."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    check_decoder_folder(path)
     if num_labels < 2:
         raise ModelError(f"{path}: classification on a decoder needs two or more labels, got {num_labels}")
-    config = AutoConfig.from_pretrained(str(path))
-    for key in DROPOUT_KEYS:
-        if isinstance(getattr(config, key, None), float):
-            setattr(config, key, float(dropout))
-    try:
-        backbone = AutoModel.from_pretrained(str(path), config=config, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot load the decoder's blocks ({' '.join(str(err).split())[:300]}); give a "
-                         "Hugging Face causal-LM folder with config.json and weights") from None
-    for m in backbone.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = dropout
-    return LastTokenClassifier(backbone, num_labels, dropout)
+    return LastTokenClassifier(_pretrained(AutoModel, path, dropout, "the decoder's blocks"), num_labels, dropout)
 
 
 def convert_gguf(gguf_file: str | Path, target: str | Path) -> Path:
