@@ -14,6 +14,8 @@ is exactly the layer-wise average (eq. 17), or HetLoRA's zero-padded average: a 
 to S_k and the device's weight to W_k, as `aggregation.zero_pad_average` counts it. The weights are
 the rule's raw weights (1, or the device's sample count) divided by the largest among the round's
 devices, so every value is at most the largest |x|: SecAgg+ quantises values in a fixed range.
+The Flower engine passes as "global adapter" only the tensors some plan of the round trains (the
+plans are public): a tensor nobody trains would be all zeros in every contribution.
 """
 
 from __future__ import annotations

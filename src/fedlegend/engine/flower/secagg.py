@@ -11,6 +11,7 @@ sums. Here is how the sum travels:
   TRAIN records (payload, plan with the secure-aggregation fields) to the stage that carries the
   fit instructions, keeps that stage's replies and counts every message's bytes. The server never
   sees a device's update: its reply carries the update masked, and only the sum is unmasked.
+  Only the global tensors that some plan of the round trains are summed (the plans are public).
 - Device (`secagg_mod` around the ClientApp's train function): Flower's `secaggplus_mod` for the
   protocol's messages (others pass through); `device_content` turns the trained update into the
   contribution that the mod quantises and masks. A device that fails its round sends zeros (its
@@ -235,9 +236,18 @@ class SecureRound:
         samples = {dev: exp.facts[dev].samples for dev in rp.assignments}
         return cls(rp, global_state, device_weights(exp.method, samples), exp.cfg.privacy.secagg_range)
 
+    @property
+    def summed(self) -> AdapterState:
+        """The global tensors the round's contributions cover: those some plan trains (public). A tensor no
+        device trains this round (FFA-LoRA's frozen A, LEGEND's layers below every plan) is not sent."""
+        keys = set()
+        for a in self.rp.assignments.values():
+            keys.update(trained_part(a.payload, a.plan))
+        return {k: self.global_state[k] for k in sorted(keys)}
+
     def add_fields(self, dev: int, content: RecordDict) -> None:
         w, h = self.weights[dev]
-        for k, v in plan_fields(w, h, self.value_range, self.global_state).items():
+        for k, v in plan_fields(w, h, self.value_range, self.summed).items():
             content["plan"][k] = v
 
     def run(self, grid, contents: dict[int, RecordDict], round_: int, timeout: float | None) -> None:
@@ -282,7 +292,7 @@ class SecureRound:
         if self.sums is None or not updates:
             return Aggregated(dict(self.global_state))
         held = 0.5 * min(min(w) for w in self.weights.values())
-        return Aggregated(aggregate_sums(self.global_state, self.sums, held))
+        return Aggregated({**self.global_state, **aggregate_sums(self.summed, self.sums, held)})
 
     def account(self, record: dict, node_of: dict[int, int]) -> None:
         """The round's traffic as it went on the wire: bytes_up = the masked vectors plus the protocol's
