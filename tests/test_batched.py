@@ -159,7 +159,10 @@ def test_groups_and_limits():
     assert [[j.device for j in g] for g in groups] == [[0, 2], [4, 6], [1, 3], [5], [7]]
     assert group_limit(False, torch.device("cpu")) == 0 and group_limit(1, torch.device("cpu")) == 0
     assert group_limit(4, torch.device("cpu")) == 4 and group_limit(True, torch.device("cpu")) > 1000
-    assert group_limit("auto", torch.device("cpu")) == 0 and group_limit("auto", torch.device("cuda")) > 1000
+    from fedlegend.batched import AUTO_MIN_GROUP_CPU, min_group
+    assert group_limit("auto", torch.device("cpu")) > 1000 and group_limit("auto", torch.device("cuda")) > 1000
+    assert min_group("auto", torch.device("cpu")) == AUTO_MIN_GROUP_CPU and min_group(True, torch.device("cpu")) == 2
+    assert min_group("auto", torch.device("cuda")) == 2
 
 
 def test_fallbacks():

@@ -90,17 +90,25 @@ def unsupported(host, task) -> str | None:
     return None
 
 
+# "auto" on a CPU: only groups of at least this many devices train together (on the 2-core CPU 6 devices
+# gained nothing, 80 devices of one layout 1.7x: docs/batched.md)
+AUTO_MIN_GROUP_CPU = 16
+
+
 def group_limit(setting, device: torch.device) -> int:
-    """Most devices per group from run.batch_devices: 0 = off (sequential); a large number = no limit.
-    "auto": on a CUDA GPU only (on the 2-core CPU it measured a loss: docs/batched.md)."""
-    if setting is True:
+    """Most devices per group from run.batch_devices: 0 = off (sequential); a large number = no limit."""
+    if setting is True or setting == "auto":
         return 1 << 30
     if setting is False or setting is None:
         return 0
-    if setting == "auto":
-        return 1 << 30 if device.type == "cuda" else 0
     n = int(setting)
     return n if n >= 2 else 0
+
+
+def min_group(setting, device: torch.device) -> int:
+    """The fewest devices a group trains together with (smaller groups train one device at a time):
+    2, or with "auto" on a CPU AUTO_MIN_GROUP_CPU (on a CUDA GPU 2)."""
+    return AUTO_MIN_GROUP_CPU if setting == "auto" and device.type != "cuda" else 2
 
 
 def residual_digest(payload: AdapterState) -> tuple:
@@ -381,14 +389,15 @@ def train_round(exp, assignments: dict) -> dict[int, LocalResult | LocalTraining
     from .engine.local import device_rng
 
     cfg = exp.cfg
-    limit = group_limit(getattr(cfg.run, "batch_devices", False), model_device(exp.host.model))
+    setting, device = getattr(cfg.run, "batch_devices", False), model_device(exp.host.model)
+    limit, fewest = group_limit(setting, device), min_group(setting, device)
     if limit < 2 or unsupported(exp.host, exp.task) is not None:
         return {}
     jobs = [Job(dev, a.plan, a.payload, exp.device_data(dev), a.steps, a.lr, device_rng(exp, a))
             for dev, a in assignments.items() if exp.fleet.dropout(dev, a.round) is None]
     out: dict[int, LocalResult | LocalTrainingError] = {}
     for group in make_groups(jobs, limit):
-        if len(group) < 2:
+        if len(group) < fewest:
             continue
         out.update(train_group(exp.host, exp.task, group, batch_size=cfg.train.batch_size, pad_id=exp.pad_id,
                                weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,

@@ -220,7 +220,8 @@ class RunConfig(_Section):
     batch_devices: bool | int | Literal["auto"] = Field(
         False, description="train the devices of a round that share a layout together, one forward and backward "
         "over the shared base model (LoRA host, classification, no dropout; same results within float rounding; "
-        "docs/batched.md); an integer: at most that many devices a group; auto: on a CUDA GPU only")
+        "docs/batched.md); an integer: at most that many devices a group; auto: on a CUDA GPU, on a CPU for groups "
+        "of 16 devices or more")
 
     @field_validator("device")
     @classmethod
