@@ -413,8 +413,10 @@ def pretest_depth(cfg: Config, out: Path, rank: int = 8, depths: list[int] | Non
     mpath = out / "depth" / "measure.json"
     key = {"config": dump_config(cfg), "depths": depths, "rank": rank, "steps": measure_steps}
     saved = json.loads(mpath.read_text()) if resume and mpath.exists() else None
-    if saved is not None and saved.get("key") == key:
+    if saved is not None and {**saved.get("key", {}), "depths": None} == {**key, "depths": None} \
+            and set(depths) <= set(saved["key"]["depths"]):   # a measurement of these depths and more
         measured = saved["measured"]
+        measured = {**measured, "rows": [r for r in measured["rows"] if r["depth"] in depths]}
     else:
         if progress:
             print(f"  measuring a training step at depths {depths} ({measure_steps} steps each)", flush=True)
