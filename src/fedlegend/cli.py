@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--budget", type=int, help="ranks: total rank of the distributions (default 8 per layer; "
                      "the paper: 96 over 12)")
     pre.add_argument("--positions", help="ranks: layer positions of the rank sweep, comma-separated from all, "
-                     "shallow, middle, deep (default all four; none: no sweep)")
+                     "shallow, middle, deep (default all four; none: no sweep); position: which of them to train")
     pre.add_argument("--distributions", help="ranks: comma-separated from inc, dec, uniform, random (default all "
                      "four; none: only the sweep)")
     pre.add_argument("--sweep-ranks", help="ranks: the sweep's ranks (default 1,2,4,8,16,32,64,128)")
