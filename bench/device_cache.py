@@ -100,7 +100,7 @@ def cmd_replay(a) -> None:
     print(f"replay of {a.config or 'the default config'} (no training: no accuracy) -> {out}")
     print()
     header()
-    ref = next(recs for name, recs in runs if name.startswith("fedlora"))
+    ref = next((recs for name, recs in runs if name.startswith("fedlora")), None)   # None: no ratio column
     for name, recs in runs:
         print(row(name, recs, 2.0, None, clock_ref=ref))
 
