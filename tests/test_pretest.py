@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from fedlegend.cli import main
 from fedlegend.pretest import (DEPTH_FIELDS, DISTRIBUTIONS, PAPER, POSITION_FIELDS, RANKS_FIELDS, FixedLayout,
-                               PretestError, _cpu_peak_bytes, depth_layers, fit_per_layer, position_layers,
+                               PretestError, depth_layers, fit_per_layer, position_layers,
                                rank_distribution)
+from fedlegend.pretest_measure import _cpu_peak_bytes
 
 
 def test_position_thirds_of_the_papers_12_layers_and_of_minilm():

@@ -83,7 +83,8 @@ def setup_of(name: str, method_ctx) -> SimpleNamespace:
     assert assignments, f"{name}: no device assigned in round 1"
     rp = RoundPlan(1, 1e-3, list(range(N_DEVICES)), assignments, skipped)
     s = SimpleNamespace(name=name, method=method, method_state=method.state_dict(), state=state, rp=rp,
-                        exp=SimpleNamespace(cfg=cfg, method=method), L=spec.num_layers)
+                        exp=SimpleNamespace(cfg=cfg, method=method, fleet=SimpleNamespace(cache=None)),
+                        L=spec.num_layers)
     _SETUPS[name] = s
     return s
 

@@ -1,9 +1,7 @@
 """Many devices in one pass: the local steps of several devices of a round, trained together.
 
-The devices of a round share one frozen base model, yet each trains alone on a few short
-examples (default: 5 steps of 8 snippets). Here the devices of a round that train the same
-layout (same `plan.ranks`, same frozen tensor kinds, same number of steps, same folded residual)
-form a group, and each of the group's steps is one forward and one backward over the shared
+The devices of a round that train the same layout (same `plan.ranks`, frozen tensor kinds,
+number of steps and folded residual) form a group, and each of the group's steps is one forward and one backward over the shared
 base model on all their rows at once: every LoRA target and the task head apply each device's own
 tensors to that device's rows (a per-row gather of the device's A, B and head from a
 [devices, ...] stack, then batched matmuls), the frozen base runs once on the whole batch.
@@ -20,18 +18,14 @@ What stays each device's own, so that the results are sequential execution's up 
 - a device whose loss turns non-finite fails alone (LocalTrainingError, as sequentially), the
   others go on; after the round torch's generator is seeded as sequential execution left it.
 
-Rows are padded to a common width within a forward chunk: rows are sorted by length across the
-group and cut into chunks of at most `max_tokens` rows x width (this bounds memory and keeps the
-padding small); the attention mask makes a real token's result independent of the padding up to
-float rounding (different matmul shapes). Gradients of a step accumulate over its chunks.
+Rows are sorted by length across the group and cut into chunks of at most `max_tokens` rows x
+width, padded within a chunk (the attention mask keeps the padding out of a real token's result up
+to float rounding); gradients of a step accumulate over its chunks.
 Tolerance (fp32): losses and adapter tensors within about 1e-5 of sequential execution (tests/test_batched.py).
 
-Falls back to sequential execution (one device at a time, `client.train_local`) where it does
-not apply: a host other than LoRA (FedAdapter's bottleneck host), a task other than classification
-(the LM tasks), a model without a Linear task head, dropout > 0 (model.dropout or lora_dropout:
-each device's dropout stream cannot be reproduced in a shared forward), and groups of one device.
-The frozen-prefix cache works as it is (its per-example states are pure; feeding a chunk is
-feeding a batch). FFA-LoRA's frozen A is handled (per-device, not trained). Virtual time never
+Falls back to sequential execution (`client.train_local`) for FedAdapter's bottleneck host, the LM
+tasks, a model without a Linear task head, dropout > 0 (a device's dropout stream cannot be
+reproduced in a shared forward) and groups of one device (docs/batched.md). Virtual time never
 changes: the cost model reads each device's own batch shapes.
 """
 
@@ -44,7 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .client import LocalResult, LocalTrainingError
+from .client import LocalResult, LocalTrainingError, device_rng, step_shape
 from .data import Encoded, sample_batches
 from .execution import autocast, model_device, to_device
 from .hosts import LoraHost
@@ -267,14 +261,6 @@ def chunks(lengths: torch.Tensor, max_tokens: int, overhead_tokens: int = 0) -> 
     return out
 
 
-def _step_shape(task, batch: dict) -> tuple:
-    """The step's shape for the cost model, as train_local records it."""
-    from . import client
-    if hasattr(client, "step_shape"):
-        return client.step_shape(task, batch)
-    return tuple(batch["input_ids"].shape)
-
-
 # ------------------------------------------------------------------ one group
 def train_group(host: LoraHost, task, jobs: list[Job], *, batch_size: int, pad_id: int, weight_decay: float = 0.0,
                 max_grad_norm: float = 1.0, precision: str = "fp32", prefix_cache: PrefixCache | None = None,
@@ -353,7 +339,7 @@ def train_group(host: LoraHost, task, jobs: list[Job], *, batch_size: int, pad_i
                                                    f"at step {len(losses[i]) + 1}")
                     continue
                 losses[i].append(values[i])
-                shapes[i].append(_step_shape(task, batches[pos]))
+                shapes[i].append(step_shape(task, batches[pos]))
                 seen[i] += sizes[pos]
             ok = torch.tensor([i not in failed for i in range(n)], device=device)
             with torch.no_grad():
@@ -386,7 +372,6 @@ def train_round(exp, assignments: dict) -> dict[int, LocalResult | LocalTraining
     """Train the round's assignments (engine.local.Dispatch) in groups where run.batch_devices asks for it
     and it applies; returns each trained device's result or error. Devices not in it (option off,
     fallback, a group of one, a drop-out) are left to `run_device`'s sequential path."""
-    from .engine.local import device_rng
 
     cfg = exp.cfg
     setting, device = getattr(cfg.run, "batch_devices", False), model_device(exp.host.model)
@@ -408,7 +393,6 @@ def train_round(exp, assignments: dict) -> dict[int, LocalResult | LocalTraining
 def reseed_as_sequential(exp, assignments: dict, trained: dict) -> None:
     """Leave torch's generator as sequential execution does: seeded by the last device (in dispatch order)
     that trained, when that one trained in a group (sequentially trained devices seed it themselves)."""
-    from .engine.local import device_rng
 
     last = [(dev, a) for dev, a in assignments.items() if exp.fleet.dropout(dev, a.round) is None]
     if last and last[-1][0] in trained:

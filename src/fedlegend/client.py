@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .data import Encoded, sample_batches
+from .devices import Work, round_work
 from .execution import autocast, model_device, to_device
 from .hosts import AdapterHost
 from .methods.base import LoraPlan, trained_part
@@ -94,3 +95,29 @@ def evaluate(host: AdapterHost, task: Task, state: AdapterState, data: Encoded, 
     model.eval()
     with autocast(model_device(model), precision):
         return task.score(model, data, batch_size, pad_id)
+
+
+# ------------------------------------------------------------------ a device's planned batches
+def device_rng(exp, a) -> np.random.Generator:
+    """The device's own stream for a round (batches, torch's seed): engine-independent. `exp`: an
+    Experiment or DeviceExperiment; `a`: the round's Dispatch (engine/local.py)."""
+    return np.random.default_rng([exp.cfg.run.seed, 3, a.device, a.round])
+
+
+def planned_batches(exp, a) -> list[np.ndarray]:
+    """The batches (the device's example indices) `train_local` draws for the assignment from the
+    device's stream: its first draw seeds torch, then `sample_batches`."""
+    data, rng = exp.device_data(a.device), device_rng(exp, a)
+    rng.integers(2**62)
+    lengths = [len(x) for x in data.ids]
+    return sample_batches(len(data), a.steps, min(exp.cfg.train.batch_size, len(data)), rng, lengths)
+
+
+def planned_shapes(exp, a) -> list[tuple[int, int, int]]:
+    data = exp.device_data(a.device)
+    return [step_shape(exp.task, exp.task.batch(data, idx, exp.pad_id)) for idx in planned_batches(exp, a)]
+
+
+def planned_work(exp, a) -> Work:
+    """The compute of the assignment's local training, without training (planned_batches), no upload."""
+    return round_work(exp.spec, a.plan.ranks, planned_shapes(exp, a), a.download_bytes, 0)

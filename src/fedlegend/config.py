@@ -12,19 +12,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 from .execution import DEVICE_PATTERN
-from .methods import check_method, method_list
 
 
 class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the field."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .method_config import MethodConfig
+from .method_config import Section as _Section
 
 
 class ModelConfig(_Section):
@@ -127,78 +126,6 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     eval_batch_size: int = Field(128, ge=1)
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 disables)")
-
-
-class LegendConfig(_Section):
-    rank_budget: int = Field(48, ge=1, description="psi: total rank over all layers (eq. 11)")
-    rank_step: int = Field(1, ge=0, description="lambda: rank increase per layer toward the output")
-    rho: float = Field(0.8, ge=0, le=1, description="moving-average weight of the old estimate (eq. 8-9)")
-    epsilon_s: float | None = Field(None, gt=0, description="waiting threshold on W (eq. 13); null disables")
-    min_depth: int = Field(1, ge=1)
-    fill_idle: bool = Field(True, description="greedy: deepen a device while its time stays under the round time")
-    weighting: Literal["mean", "samples"] = Field("mean", description="eq. 17 plain mean (paper) or sample-weighted")
-    uniform_ranks: bool = Field(False, description="ablation w/o RD: same rank on every layer")
-    full_depth: bool = Field(False, description="ablation w/o LD: every device at depth L")
-
-
-class FedLoraConfig(_Section):
-    rank: int = Field(8, ge=1, description="the same rank on every layer of every device")
-    weighting: Literal["mean", "samples"] = "samples"
-
-
-class HetLoraConfig(_Section):
-    rank_min: int = Field(2, ge=1, description="rank of the slowest devices")
-    rank_max: int = Field(16, ge=1, description="rank of the fastest device (and of the global adapter)")
-    weighting: Literal["norm", "samples"] = Field("norm", description="norm: the paper's sparsity-weighted average")
-    self_pruning: bool = False
-    prune_threshold: float = Field(0.05, ge=0, lt=1, description="prune when the last ranks carry less than this share")
-    prune_step: int = Field(1, ge=1)
-
-
-class RankRangeConfig(_Section):
-    rank_min: int = Field(2, ge=1)
-    rank_max: int = Field(16, ge=1)
-
-
-class FedRAConfig(_Section):
-    rank: int = Field(8, ge=1)
-    min_layers: int = Field(1, ge=1, description="layers of the slowest device")
-
-
-class HierFedLoraConfig(_Section):
-    groups: int = Field(3, ge=1, description="near-IID device groups (each with its own depth and frequency)")
-    rank: int = Field(8, ge=1, description="LoRA rank of every trained layer")
-    max_frequency: int = Field(4, ge=1, description="most intra-group aggregations of a group per global round")
-    min_depth: int = Field(1, ge=1, description="depth of the slowest group")
-
-
-class FedAdapterConfig(_Section):
-    init_depth: int = Field(2, ge=1, description="adapter depth (top layers) at the start of the progressive search")
-    init_width: int = Field(8, ge=1, description="adapter bottleneck width at the start")
-    depth_step: int = Field(2, ge=1, description="the deeper trial configuration: depth + this")
-    width_factor: int = Field(2, ge=2, description="the wider trial configuration: width * this")
-    max_width: int = Field(64, ge=1, description="widest adapter (and the global adapter's width)")
-    trial_rounds: int = Field(3, ge=2, description="rounds per trial period; the server upgrades at its end")
-    search: bool = Field(True, description="false: train (init_depth, init_width) throughout, no trials")
-    weighting: Literal["mean", "samples"] = "samples"
-
-
-class MethodConfig(_Section):
-    name: str = Field("legend", description="registered method: " + method_list())
-    legend: LegendConfig = Field(default_factory=LegendConfig)
-    fedlora: FedLoraConfig = Field(default_factory=FedLoraConfig)
-    hetlora: HetLoraConfig = Field(default_factory=HetLoraConfig)
-    flexlora: RankRangeConfig = Field(default_factory=RankRangeConfig)
-    hlora: RankRangeConfig = Field(default_factory=RankRangeConfig)
-    flora: RankRangeConfig = Field(default_factory=RankRangeConfig)
-    hierfedlora: HierFedLoraConfig = Field(default_factory=HierFedLoraConfig)
-    fedra: FedRAConfig = Field(default_factory=FedRAConfig)
-    fedadapter: FedAdapterConfig = Field(default_factory=FedAdapterConfig)
-
-    @field_validator("name")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        return check_method(name)
 
 
 class RunConfig(_Section):

@@ -19,123 +19,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .compare import rows_for_seed
 from .config import Config, dump_config
 from .engine import Engine
 from .engine.local import run_local
-from .errors import UserError
-from .methods.fedlora import FedLora
-from .methods.base import MethodContext, MethodInfo
 from .results import plot_accuracy, pyplot, read_records, save
 from .rundir import finished_run, run_experiment
 from .spec import Ranks
-
-KINDS = ("position", "depth", "ranks")
-POSITIONS = ("all", "shallow", "middle", "deep")
-DISTRIBUTIONS = ("inc", "dec", "uniform", "random")
-SWEEP_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
-PAPER_DEVICES = 10
-
-# The paper's section 2 numbers (RoBERTa-base, 12 layers, SST-2, 10 devices; its Jetson testbed).
-PAPER = {
-    "position": {"final_accuracy_pct": {"all": 94.3, "shallow": 86.7, "middle": 91.8, "deep": 93.1},
-                 "deep_speedup": {"all": 2.1, "shallow": 1.6, "middle": 1.2}},
-    "depth": {"latency_ms_per_layer": 5.0, "memory_mb_per_layer": 107.0, "latency_increase_pct": 252.0,
-              "memory_increase_pct": 221.0, "accuracy_gain_1_to_3_pct": 5.3, "accuracy_gain_3_to_12_pct": 1.4},
-    "ranks": {"gain_pct": {"all": 0.41, "shallow": 0.23, "middle": 2.67, "deep": 1.3},
-              "distributions_budget": 96, "inc": [4, 4, 5, 6, 7, 7, 8, 9, 10, 11, 12, 13], "inc_accuracy_pct": 94.9,
-              "inc_margin_pct": 1.6},
-}
-
-
-class PretestError(UserError, ValueError):
-    """A pre-test request that cannot run (kind, layers, ranks); the message names the fix."""
-
-
-# ---------------------------------------------------------------- layouts
-def position_layers(L: int) -> dict[str, list[int]]:
-    """All layers and their shallow, middle and deep thirds (the first thirds take the extra layers
-    when L is not a multiple of 3; the paper's 12 layers: 0-3, 4-7, 8-11)."""
-    if L < 3:
-        raise PretestError(f"the position pre-test needs a model of at least 3 layers (thirds), this one has {L}")
-    thirds = [list(map(int, part)) for part in np.array_split(np.arange(L), 3)]
-    return {"all": list(range(L)), "shallow": thirds[0], "middle": thirds[1], "deep": thirds[2]}
-
-
-def depth_layers(L: int, depth: int) -> list[int]:
-    """The top `depth` layers (the paper's LoRA depth: continuous layers from the output)."""
-    if not 1 <= depth <= L:
-        raise PretestError(f"depth {depth} is outside 1..{L} (the model has {L} layers)")
-    return list(range(L - depth, L))
-
-
-def _apportion(exact: np.ndarray, total: int) -> list[int]:
-    """Integers >= 1 close to `exact` summing to `total` (largest remainder)."""
-    base = np.maximum(np.floor(exact).astype(int), 1)
-    left = total - int(base.sum())
-    order = np.argsort(-(exact - np.floor(exact)), kind="stable")
-    i = 0
-    while left != 0:
-        j = order[i % len(order)] if left > 0 else order[::-1][i % len(order)]
-        if left > 0:
-            base[j] += 1
-            left -= 1
-        elif base[j] > 1:
-            base[j] -= 1
-            left += 1
-        i += 1
-    return [int(x) for x in base]
-
-
-def rank_distribution(kind: str, L: int, budget: int, seed: int = 0) -> list[int]:
-    """Ranks of layers 0..L-1 (input to output) summing to `budget`: inc (a linear ramp from half to
-    1.5x the mean rank; the paper's 96 over 12 layers: 4..12 against its 4..13), dec (inc reversed),
-    uniform (the mean, any remainder on the deepest layers), random (1 each plus a seeded uniform
-    multinomial draw of the rest)."""
-    if budget < L:
-        raise PretestError(f"a rank budget of {budget} cannot give each of the {L} layers a rank >= 1")
-    mean = budget / L
-    if kind == "inc":
-        ramp = mean * (0.5 + np.arange(L) / max(L - 1, 1)) if L > 1 else np.array([float(budget)])
-        return sorted(_apportion(ramp, budget))   # sorted: rounding at rank 1 must not break the ramp
-    if kind == "dec":
-        return rank_distribution("inc", L, budget, seed)[::-1]
-    if kind == "uniform":
-        q, r = divmod(budget, L)
-        return [q + (1 if l >= L - r else 0) for l in range(L)]
-    if kind == "random":
-        rng = np.random.default_rng([seed, 5005])
-        return [1 + int(x) for x in rng.multinomial(budget - L, np.full(L, 1.0 / L))]
-    raise PretestError(f"unknown rank distribution {kind!r}; use one of {', '.join(DISTRIBUTIONS)}")
-
-
-class FixedLayout(FedLora):
-    """The same layout (layer -> rank) on every device every round, aggregated with FedAvg: FedLoRA
-    on chosen layers. The global adapter is the layout itself."""
-
-    def __init__(self, ctx: MethodContext, ranks: Ranks, name: str = "layout", weighting: str = "samples"):
-        if not ranks:
-            raise PretestError("a layout needs at least one layer")
-        L = ctx.spec.num_layers
-        bad = sorted(l for l in ranks if not 0 <= l < L)
-        if bad:
-            raise PretestError(f"layers {bad} are outside the model's layers 0..{L - 1}")
-        super().__init__(ctx, rank=max(ranks.values()), weighting=weighting)
-        self.ranks = {int(l): int(r) for l, r in sorted(ranks.items())}
-        self.info = MethodInfo(name, "fedlora")
-
-    def global_ranks(self) -> Ranks:
-        return dict(self.ranks)
-
+from .pretest_layouts import (DISTRIBUTIONS, KINDS, PAPER, PAPER_DEVICES, POSITIONS, SWEEP_RANKS,  # noqa: F401
+                              FixedLayout, PretestError, depth_layers, position_layers, rank_distribution)
+from .pretest_measure import fit_per_layer, measure_depths  # noqa: F401
 
 # ---------------------------------------------------------------- running layouts
 @dataclass(frozen=True)
@@ -186,103 +84,6 @@ def run_variants(cfg: Config, out: Path, variants: list[Variant], progress: bool
 
 def records_of(out: Path, name: str, seed: int) -> list[dict]:
     return read_records(out / f"{name}-seed{seed}" / "records.jsonl")
-
-
-# ---------------------------------------------------------------- measuring a training step
-def _typical_batch(exp, batch_size: int):
-    """batch_size training examples as close to the typical padded width (the 90th percentile of
-    token counts) as there are, not longer: the batch pads to about that width."""
-    from .experiment import nominal_width_of
-
-    width = nominal_width_of(exp.train)
-    lengths = np.array([len(x) for x in exp.train.ids])
-    order = np.argsort(np.abs(lengths - width) + (lengths > width) * 10**6, kind="stable")
-    return exp.task.batch(exp.train, [int(i) for i in order[:batch_size]], exp.pad_id)
-
-
-def _cpu_peak_bytes(step) -> int:
-    """Peak of torch's live CPU allocations during `step()` above what was live before it (the
-    profiler's memory events: 'Total Allocated' after each allocation or free)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        events = json.loads(Path(path).read_text()).get("traceEvents", [])
-    finally:
-        os.unlink(path)
-    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e.get("ts", 0))
-    if not mem:
-        return 0
-    first = mem[0]["args"]
-    base = first["Total Allocated"] - first["Bytes"]
-    return int(max(e["args"]["Total Allocated"] for e in mem) - base)
-
-
-def measure_depths(cfg: Config, depths: list[int], rank: int, steps: int = 5) -> dict:
-    """Per-batch latency and peak memory of one local training step (forward, backward, AdamW) at each
-    depth, on this machine, at train.batch_size and the typical padded width: CPU time (process_time)
-    and wall time, median of `steps` after a warm-up step; peak memory above the step's start (CUDA:
-    max_memory_allocated; CPU: the profiler's live allocations)."""
-    from .execution import autocast, model_device, to_device
-    from .experiment import build_experiment
-
-    exp = build_experiment(cfg, make=lambda ctx: FixedLayout(ctx, {l: rank for l in range(ctx.spec.num_layers)},
-                                                             "measure"))
-    L = exp.spec.num_layers
-    model = exp.host.model
-    device = model_device(model)
-    batch = to_device(_typical_batch(exp, cfg.train.batch_size), device)
-    cuda = device.type == "cuda"
-    rows = []
-    for k in depths:
-        name = exp.host.use({l: rank for l in depth_layers(L, k)})
-        params = [p for p in exp.host.params(name).values() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.train.lr)
-        model.train()
-
-        def step():
-            with autocast(device, cfg.run.precision):
-                loss = exp.task.loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if cuda:
-                torch.cuda.synchronize(device)
-
-        step()   # warm-up: the optimizer's states, the allocator
-        cpu, wall = [], []
-        for _ in range(steps):
-            c0, w0 = time.process_time(), time.perf_counter()
-            step()
-            cpu.append(time.process_time() - c0)
-            wall.append(time.perf_counter() - w0)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            step()
-            peak = torch.cuda.max_memory_allocated(device) - before
-        else:
-            peak = _cpu_peak_bytes(step)
-        rows.append({"depth": k, "cpu_ms_per_batch": 1e3 * float(np.median(cpu)),
-                     "wall_ms_per_batch": 1e3 * float(np.median(wall)), "peak_mb": peak / 2**20})
-    info = {"device": str(device), "batch_size": int(batch["input_ids"].shape[0]),
-            "width": int(batch["input_ids"].shape[1]), "steps": steps, "rank": rank, "layers": L,
-            "threads": torch.get_num_threads(),
-            "model_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
-    return {"info": info, "rows": rows}
-
-
-def fit_per_layer(depths: list[int], values: list[float]) -> tuple[float | None, float | None]:
-    """(slope per added layer, % increase from the shallowest to the deepest depth measured)."""
-    if len(depths) < 2:
-        return None, None
-    slope = float(np.polyfit(depths, values, 1)[0])
-    first, last = values[int(np.argmin(depths))], values[int(np.argmax(depths))]
-    return slope, (100.0 * (last - first) / first if first else None)
 
 
 # ---------------------------------------------------------------- outputs

@@ -51,6 +51,20 @@ def state_bytes(state: AdapterState) -> int:
     return int(sum(t.numel() * t.element_size() for t in state.values()))
 
 
+def rejected_bytes(state) -> int:
+    """Bytes a rejected update took on the wire, whatever it holds (a malformed one may not be a dict of
+    tensors: count what has a size, never fail on it)."""
+    if not isinstance(state, dict):
+        return 0
+    total = 0
+    for v in state.values():
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(getattr(v, "nbytes", None), int):
+            total += v.nbytes
+    return int(total)
+
+
 def layout_signature(ranks: Ranks) -> tuple:
     """A hashable name of a rank layout (layer -> rank), the key of a host's layout cache."""
     return tuple(sorted((int(k), int(v)) for k, v in ranks.items()))

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
-from ..client import LocalResult, LocalTrainingError, evaluate, step_shape, train_local
-from ..data import sample_batches
+from ..client import (LocalResult, LocalTrainingError, device_rng, evaluate, planned_batches, planned_shapes,  # noqa: F401
+                      planned_work, train_local)
 from ..device_cache import CachedRound, frozen_version, record_fields
 from ..devices import RoundTime, Work, round_work
 from .. import privacy
@@ -32,7 +31,7 @@ from ..experiment import Experiment
 from ..methods.aggregation import DeviceUpdate
 from ..methods.base import (Aggregated, Assignment, Estimate, Estimator, LoraPlan, RoundView, Skip, StatusReport, UpdateRejected,
                             check_update, trained_part)
-from ..spec import AdapterState, state_bytes
+from ..spec import AdapterState, rejected_bytes, state_bytes
 
 
 def lr_at(round_: int, rounds: int, lr: float, schedule: str) -> float:
@@ -144,20 +143,6 @@ def device_row(plan: LoraPlan, res: DeviceResult) -> dict:
             "samples": res.local.samples, "loss": res.local.loss, **(res.cache or {})}
 
 
-def rejected_bytes(state) -> int:
-    """Bytes a rejected update took on the wire, whatever it holds (a malformed one may not be a dict of
-    tensors: count what has a size, never fail on it)."""
-    if not isinstance(state, dict):
-        return 0
-    total = 0
-    for v in state.values():
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-        elif isinstance(getattr(v, "nbytes", None), int):
-            total += v.nbytes
-    return int(total)
-
-
 def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, estimator: Estimator,
                  replies: dict[int, DeviceResult | DeviceFailure], extra_events: list[dict] | None = None,
                  aggregate: Callable[[list[DeviceUpdate]], Aggregated] | None = None) -> RoundOutcome:
@@ -236,30 +221,6 @@ def finish_round(exp: Experiment, rp: RoundPlan, global_state: AdapterState, est
 
 
 # ------------------------------------------------------------------ device side
-def device_rng(exp: Experiment, a: Dispatch) -> np.random.Generator:
-    """The device's own stream for a round (batches, torch's seed): engine-independent."""
-    return np.random.default_rng([exp.cfg.run.seed, 3, a.device, a.round])
-
-
-def planned_batches(exp: Experiment, a: Dispatch) -> list[np.ndarray]:
-    """The batches (the device's example indices) `train_local` draws for the assignment from the
-    device's stream: its first draw seeds torch, then `sample_batches`."""
-    data, rng = exp.device_data(a.device), device_rng(exp, a)
-    rng.integers(2**62)
-    lengths = [len(x) for x in data.ids]
-    return sample_batches(len(data), a.steps, min(exp.cfg.train.batch_size, len(data)), rng, lengths)
-
-
-def planned_shapes(exp: Experiment, a: Dispatch) -> list[tuple[int, int, int]]:
-    data = exp.device_data(a.device)
-    return [step_shape(exp.task, exp.task.batch(data, idx, exp.pad_id)) for idx in planned_batches(exp, a)]
-
-
-def planned_work(exp: Experiment, a: Dispatch) -> Work:
-    """The compute of the assignment's local training, without training (planned_batches), no upload."""
-    return round_work(exp.spec, a.plan.ranks, planned_shapes(exp, a), a.download_bytes, 0)
-
-
 def device_time(exp: Experiment, a: Dispatch, work: Work, shapes: list[tuple[int, int, int]] | None = None,
                 keep: bool = True) -> tuple[RoundTime, CachedRound | None]:
     """The fleet's virtual time of `work` (round_work of `shapes`; None: the planned ones), less the prefix
