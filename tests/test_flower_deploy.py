@@ -7,6 +7,9 @@ its own file (one CSV, two JSONL; different sizes and label mixes, cut from the 
 Tomatoes training split); the server evaluates on that dataset's test split and never sees a path.
 Every component runs under a known PID and is stopped at the end, also when the test fails.
 
+test_slow_deployed_secagg_matches_plain (slow, about 1.5 minutes): the same federation runs one tiny config
+plain and under SecAgg+ (privacy.secure_aggregation); same plans, global adapters within 1e-4.
+
 Opt-in (FEDLEGEND_DEPLOY_TEST=1): the same federation without TLS, on the real default model
 and data with the fleet model's status and one SuperNode restarted between the rounds (the
 device comes back under a new node id and keeps its estimates).
@@ -164,6 +167,61 @@ def test_deployed_federation(tmp_path, tiny_assets):
     for i in range(3):  # one long-lived worker per SuperNode ran its query and both rounds
         assert (tmp_path / f"worker{i}.log").read_text(errors="replace").count("completed in") == 3
     print(f"\nfederation up {t_up - t0:.1f} s, flwr run {t_run - t_up:.1f} s, total {time.perf_counter() - t0:.1f} s")
+
+
+def adapter_tensors(out) -> dict:
+    from safetensors.torch import load_file
+
+    return {f"{f.name}:{k}": t for f in sorted((out / "adapter").glob("*.safetensors")) for k, t in load_file(f).items()}
+
+
+@pytest.mark.slow
+def test_slow_deployed_secagg_matches_plain(tmp_path, tiny_assets):
+    """The same TLS + authenticated 3-SuperNode federation, one tiny config run twice (fleet status, so plans
+    are deterministic): plain, then under SecAgg+ (privacy.secure_aggregation: secaggplus_mod on the ClientApp
+    the SuperNodes' workers run, SecAggPlusWorkflow on the deployed ServerApp). Same plans, the secagg record,
+    and the global adapter within the in-process test's tolerance."""
+    from fedlegend.engine.flower.certs import write_certs
+    from fedlegend.engine.flower.secagg import error_bound
+
+    t0 = time.perf_counter()
+    plain_cfg, secure_cfg = tmp_path / "plain.toml", tmp_path / "secure.toml"
+    toml = tiny_toml(*tiny_assets).replace('name = "file"\npath', 'name = "rotten-tomatoes"\n# path')
+    plain_cfg.write_text(toml)
+    secure_cfg.write_text(toml + "[privacy]\nsecure_aggregation = true\n")
+    (tmp_path / "own").mkdir()
+    node_data, _ = write_own_files(tmp_path / "own")
+    certs = tmp_path / "certs"
+    write_certs(certs, supernodes=3)
+    fed = LocalFederation(tmp_path, free_port(), certs, auth=True, node_data=node_data)
+    pids: dict[str, int] = {}
+    outs = {"plain": tmp_path / "plain", "secure": tmp_path / "secure"}
+    try:
+        fed.start(devices=3)
+        pids = dict(fed.pids)
+        for name, cfg in (("plain", plain_cfg), ("secure", secure_cfg)):
+            res = fed.run(cfg, outs[name], timeout=300, status="fleet")
+            assert res.returncode == 0, (name, (tmp_path / "flwr-run.log").read_text(errors="replace")[-3000:])
+    finally:
+        fed.stop()
+    assert pids and all(gone(pid) for pid in pids.values())
+    plain, secure = read_records(outs["plain"]), read_records(outs["secure"])
+    assert [r["round"] for r in plain] == [r["round"] for r in secure] == [1, 2]
+    for p, s in zip(plain, secure):
+        assert s["events"] == [] and sorted(d["id"] for d in s["devices"]) == [0, 1, 2]
+        assert [(d["id"], d["layers"], d["ranks"]) for d in s["devices"]] == \
+               [(d["id"], d["layers"], d["ranks"]) for d in p["devices"]]
+        assert "secagg" not in p and s["secagg"]["masked_bytes_up"] > s["secagg"]["plain_bytes_up"] == p["bytes_up"]
+        assert s["secagg"]["devices"] == 3 and s["secagg"]["max_error"] == error_bound(3, 8.0)   # secagg_range 8
+    a, b = adapter_tensors(outs["plain"]), adapter_tensors(outs["secure"])
+    assert a and set(a) == set(b)
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst < 1e-4, worst
+    assert max(lora_b_norms(outs["secure"])) > 0
+    for i in range(3):  # each SuperNode's worker: query + 2 rounds plain, then query + 2 rounds x 4 SecAgg+ stages
+        assert (tmp_path / f"worker{i}.log").read_text(errors="replace").count("completed in") == 3 + 1 + 2 * 4
+    print(f"\nplain vs secagg on the deployed federation: max |diff| {worst:.2e}, "
+          f"total {time.perf_counter() - t0:.1f} s")
 
 
 @pytest.mark.skipif(os.environ.get("FEDLEGEND_DEPLOY_TEST") != "1",
