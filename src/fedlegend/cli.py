@@ -59,6 +59,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-devices", nargs="?", const="true", type=_batch_devices, metavar="true|false|auto|N",
                    help="train the devices of a round that share a layout together (run.batch_devices; alone: true; "
                    "N: at most N a group; docs/batched.md)")
+    p.add_argument("--workers", type=_workers, metavar="N|auto",
+                   help="train a round's devices in N parallel processes (run.workers; auto: one per core)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="rerun the frozen layers every step (cache.prefix_cache = false; docs/cache.md)")
     p.add_argument("--device-cache", action="store_true",
@@ -79,6 +81,14 @@ def _batch_devices(text: str) -> bool | int | str:
     raise argparse.ArgumentTypeError(f"{text!r}: use true, false, auto or a number of devices")
 
 
+def _workers(text: str) -> int | str:
+    """--workers VALUE: a number of processes >= 1, or auto."""
+    low = text.strip().lower()
+    if low == "auto" or (low.isdigit() and int(low) >= 1):
+        return "auto" if low == "auto" else int(low)
+    raise argparse.ArgumentTypeError(f"{text!r}: use a number of processes >= 1, or auto")
+
+
 def _overrides(a: argparse.Namespace) -> dict:
     return {
         "run.seed": a.seed, "fleet.devices": a.devices, "run.rounds": a.rounds, "train.local_steps": a.local_steps,
@@ -93,7 +103,7 @@ def _overrides(a: argparse.Namespace) -> dict:
         "run.engine": a.engine, "run.device": a.device, "run.precision": a.precision,
         "run.eval_precision": a.eval_precision,
         "cache.prefix_cache": False if a.no_prefix_cache else None,
-        "run.batch_devices": a.batch_devices,
+        "run.batch_devices": a.batch_devices, "run.workers": a.workers,
         "fleet.device_activation_cache": True if a.device_cache else None,
     }
 

@@ -150,6 +150,17 @@ class RunConfig(_Section):
         "docs/batched.md); an integer: at most that many devices a group; auto: on a CUDA GPU, on a CPU for groups "
         "of 16 devices or more")
 
+    workers: int | Literal["auto"] = Field(
+        1, description="processes that train a round's devices in parallel (local engine; each runs torch with one "
+        "thread; the same results within float rounding; docs/benchmarks.md); auto: one per core")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, n: int | str) -> int | str:
+        if n != "auto" and n < 1:
+            raise ValueError("use a number of processes >= 1, or 'auto' (one per core)")
+        return n
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, name: str) -> str:
@@ -210,6 +221,9 @@ class Config(_Section):
         if self.fleet.device_activation_cache and self.run.engine != "local":
             raise ValueError("fleet.device_activation_cache is simulated by the local engine only; use "
                              "run.engine = \"local\" or turn the cache off")
+        if self.run.workers != 1 and self.run.engine != "local":
+            raise ValueError("run.workers is the local engine's; the Flower engine already runs every device in a "
+                             "process of its own: drop run.workers (or --workers)")
         return self
 
     @model_validator(mode="after")

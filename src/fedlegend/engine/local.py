@@ -275,12 +275,15 @@ def device_result(exp: Experiment, a: Dispatch, res: LocalResult) -> DeviceResul
     return DeviceResult(a.device, res, rt, status_report(a.device, rt, a.plan, res.samples, top_s), cached.row())
 
 
-def run_devices(exp: Experiment, assignments: dict[int, Dispatch]) -> dict[int, DeviceResult | DeviceFailure]:
-    """Every assignment of a round in this process: one device at a time, or devices of one layout
-    trained together where run.batch_devices asks for it (batched.py; the same results within float
-    rounding, the same virtual time)."""
+def run_devices(exp: Experiment, assignments: dict[int, Dispatch], pool=None) -> dict[int, DeviceResult | DeviceFailure]:
+    """Every assignment of a round: one device at a time, devices of one layout trained together where
+    run.batch_devices asks for it (batched.py), the rest spread over the worker processes of `pool`
+    (workers.py; run.workers). The same results within float rounding, the same virtual time."""
     from .. import batched
     trained = batched.train_round(exp, assignments)
+    if pool is not None:   # a device the fleet drops out does not train (run_device prices its share)
+        trained.update(pool.train({d: a for d, a in assignments.items()
+                                   if d not in trained and exp.fleet.dropout(d, a.round) is None}))
     replies = {dev: run_device(exp, a, trained.get(dev)) for dev, a in assignments.items()}
     batched.reseed_as_sequential(exp, assignments, trained)
     return replies
@@ -369,6 +372,8 @@ def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
     `resume` starts after the snapshot's round, replaying its records through `on_record` first."""
     from tqdm.auto import tqdm
 
+    from ..workers import open_pool
+
     rounds = privacy.last_round(exp.cfg)  # earlier than run.rounds when a fixed noise spends the target epsilon
     server = Server(exp, resume)
     for rec in server.records:
@@ -376,14 +381,19 @@ def run_local(exp: Experiment, on_record: Callable[[dict], None] | None = None,
             on_record(rec)
     bar = tqdm(range(server.round + 1, rounds + 1), desc=exp.method.info.name, unit="round", disable=not progress,
                initial=server.round, total=rounds)
-    for h in bar:
-        rp = server.plan(h)
-        replies = run_devices(exp, rp.assignments)
-        rec = server.close(h, server.finish(rp, replies))
-        if rec["accuracy"] is not None:
-            bar.set_postfix(acc=f"{rec['accuracy']:.3f}", vtime=f"{server.clock:.0f}s")
-        if on_record:
-            on_record(rec)
-        if on_snapshot:
-            on_snapshot(server.snapshot())
+    pool = open_pool(exp) if server.round < rounds else None
+    try:
+        for h in bar:
+            rp = server.plan(h)
+            replies = run_devices(exp, rp.assignments, pool)
+            rec = server.close(h, server.finish(rp, replies))
+            if rec["accuracy"] is not None:
+                bar.set_postfix(acc=f"{rec['accuracy']:.3f}", vtime=f"{server.clock:.0f}s")
+            if on_record:
+                on_record(rec)
+            if on_snapshot:
+                on_snapshot(server.snapshot())
+    finally:
+        if pool is not None:
+            pool.close()
     return server.state, server.records
