@@ -13,10 +13,11 @@ Cases (each in a fresh process, so its peak RSS is its own):
               per-device updates, records, layouts; not with the step count or batch: cheap to run)
 The split comes from light instrumentation (the engine's functions wrapped with timers in this
 process; nothing in the package changes): setup (build_experiment: data, tokenization, model),
-training (run_device: local training plus the cost model), evaluation (evaluate), planning and
+training (run_devices: local training, in run.workers' processes too, plus the cost model), evaluation (evaluate), planning and
 aggregation (plan_round, finish_round), bookkeeping (the rest: records, checkpoints, adapter export,
 plot). Each figure is given in wall-clock seconds and in CPU-seconds of the process (all threads;
-time.process_time), which other jobs on a shared machine skew far less; the 80-device extrapolation
+time.process_time; run.workers' processes are added as "+ workers"), which other jobs on a shared machine
+skew far less; the 80-device extrapolation
 is given for both. Peak memory is the process's maximum RSS (getrusage). The load average is printed
 and saved, since a shared machine skews every wall-clock figure. With --profile, the default case (or those of
 --profile-cases) runs under pyinstrument
@@ -75,7 +76,7 @@ def child(overrides: dict, profile: str | None) -> dict:
 
     split = Split()
     split.wrap(rundir, "build_experiment", "setup")
-    split.wrap(local, "run_device", "training")
+    split.wrap(local, "run_devices", "training")   # batched groups, worker processes and run_device
     split.wrap(local, "evaluate", "evaluation")
     split.wrap(local, "plan_round", "planning_aggregation")
     split.wrap(local, "finish_round", "planning_aggregation")
@@ -92,13 +93,16 @@ def child(overrides: dict, profile: str | None) -> dict:
     if profiler is not None:
         profiler.stop()
         Path(profile).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     parts, cpu_parts = dict(split.seconds), dict(split.cpu_seconds)
     parts["bookkeeping"] = total - sum(parts.values())
     cpu_parts["bookkeeping"] = cpu - sum(cpu_parts.values())
     return {"total_s": total, "split_s": parts, "cpu_s": cpu, "cpu_split_s": cpu_parts, "calls": split.calls,
             "peak_rss_mb":
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "final_accuracy": summary["final_accuracy"],
-            "rounds": cfg.run.rounds, "devices": cfg.fleet.devices, "threads": __import__("torch").get_num_threads()}
+            "rounds": cfg.run.rounds, "devices": cfg.fleet.devices, "threads": __import__("torch").get_num_threads(),
+            # run.workers' processes (joined by the end): their CPU time and the largest one's peak RSS
+            "workers_cpu_s": kids.ru_utime + kids.ru_stime, "workers_peak_rss_mb": kids.ru_maxrss / 1024}
 
 
 def cases(a) -> dict[str, dict]:
@@ -149,13 +153,17 @@ def run_case(name: str, overrides: dict, profile: str | None) -> dict:
     return res
 
 
+def _workers(r: dict) -> str:
+    return f" + workers {r['workers_cpu_s']:.1f}" if r.get("workers_cpu_s") else ""
+
+
 def print_row(r: dict) -> None:
     s, c = r["split_s"], r["cpu_split_s"]
     parts = "  ".join(f"{k} {v:.1f} ({c[k]:.1f} cpu)" for k, v in s.items())
     extra = (f"  (36 rounds: ~{r['extrapolated_36_rounds_s']:.0f} s, ~{r['extrapolated_36_rounds_cpu_s']:.0f} cpu-s)"
              if "extrapolated_36_rounds_s" in r else "")
     print(f"{r['case']:<10} {r['devices']:>4} dev {r['rounds']:>3} rounds  total {r['total_s']:7.1f} s "
-          f"({r['cpu_s']:.1f} cpu-s){extra}  "
+          f"({r['cpu_s']:.1f} cpu-s{_workers(r)}){extra}  "
           f"peak RSS {r['peak_rss_mb']:6.0f} MB  acc {r['final_accuracy']:.4f}  load {r['load_before'][0]:.1f}"
           f"->{r['load_after'][0]:.1f}\n           {parts}", flush=True)
 

@@ -58,6 +58,25 @@ def test_two_workers_equal_one_thread(tiny_cfg, keep_threads, over):
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+def test_workers_batch_their_own_share(tiny_cfg, keep_threads, monkeypatch):
+    """With run.batch_devices each process trains the same-layout devices of its share together: the
+    same virtual time and accuracy, adapters within float rounding of one process (groups split differently)."""
+    import fedlegend.batched as batched
+    groups = []
+    real = batched.train_group
+    monkeypatch.setattr(batched, "train_group", lambda host, task, group, **kw: groups.append(len(group))
+                        or real(host, task, group, **kw))
+    base = {"fleet.devices": 4, "run.threads": 1, "method.name": "fedlora", "run.batch_devices": True}
+    s1, r1 = _run(tiny_cfg, **base)
+    s2, r2 = _run(tiny_cfg, **base, **{"run.workers": 2})
+    assert groups and groups[0] == 4                     # one process: the round's four devices in one group
+    assert [r["virtual_time_s"] for r in r1] == [r["virtual_time_s"] for r in r2]
+    assert [r["accuracy"] for r in r1] == [r["accuracy"] for r in r2]
+    # batched.py's 1e-5 per local training; two rounds of AdamW (whose first steps are about lr * sign(grad))
+    # and aggregation carry it to ~3e-5 here
+    assert all(torch.allclose(s1[k], s2[k], atol=1e-4) for k in s1)
+
+
 def test_a_failing_device_in_a_worker_comes_back_as_its_error(tiny_cfg, keep_threads):
     exp = build_experiment(tiny_cfg(**{"fleet.devices": 4, "run.threads": 1}))
     rp = plan_round(exp, 1, exp.initial_state, Estimator(exp.method.info.rho))

@@ -69,6 +69,14 @@ def train_one(exp, a) -> LocalResult | LocalTrainingError:
         return err
 
 
+def train_share(exp, assignments: dict) -> dict[int, LocalResult | LocalTrainingError]:
+    """One process's share of a round: groups run.batch_devices trains together (batched.py), the rest in turn."""
+    from .batched import train_round
+    out = train_round(exp, assignments)
+    out.update({d: train_one(exp, a) for d, a in assignments.items() if d not in out})
+    return out
+
+
 def _serve(exp, conn) -> None:
     """A child's loop: a list of assignments in, {device: result or error} out; None stops it."""
     torch.set_num_threads(1)
@@ -77,7 +85,7 @@ def _serve(exp, conn) -> None:
         if msg == b"stop":
             return
         try:
-            out = {a.device: train_one(exp, a) for a in _loads(msg)}
+            out = train_share(exp, {a.device: a for a in _loads(msg)})
             conn.send_bytes(_dumps(("ok", out)))
         except BaseException:   # reported to the parent, which raises it with this traceback
             conn.send_bytes(_dumps(("error", traceback.format_exc())))
@@ -107,7 +115,7 @@ class WorkerPool:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)   # one core per process while the children work
         try:
-            out = {d: train_one(self.exp, assignments[d]) for d in shares[0]}
+            out = train_share(self.exp, {d: assignments[d] for d in shares[0]})
         finally:
             torch.set_num_threads(threads)
         for (proc, conn), share in zip(self.children, shares[1:]):

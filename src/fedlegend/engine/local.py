@@ -280,10 +280,9 @@ def run_devices(exp: Experiment, assignments: dict[int, Dispatch], pool=None) ->
     run.batch_devices asks for it (batched.py), the rest spread over the worker processes of `pool`
     (workers.py; run.workers). The same results within float rounding, the same virtual time."""
     from .. import batched
-    trained = batched.train_round(exp, assignments)
-    if pool is not None:   # a device the fleet drops out does not train (run_device prices its share)
-        trained.update(pool.train({d: a for d, a in assignments.items()
-                                   if d not in trained and exp.fleet.dropout(d, a.round) is None}))
+    # a device the fleet drops out does not train (run_device prices its share); each worker batches its own
+    trained = batched.train_round(exp, assignments) if pool is None else pool.train(
+        {d: a for d, a in assignments.items() if exp.fleet.dropout(d, a.round) is None})
     replies = {dev: run_device(exp, a, trained.get(dev)) for dev, a in assignments.items()}
     batched.reseed_as_sequential(exp, assignments, trained)
     return replies
