@@ -37,7 +37,10 @@ def test_share_out_balances_longest_first_and_keeps_dispatch_order():
 
 def test_worker_count():
     assert worker_count(3, devices=2) == 2 and worker_count(1, devices=10) == 1
-    assert worker_count("auto", devices=100) == (os.cpu_count() or 1)
+    assert worker_count("auto", devices=100) == len(os.sched_getaffinity(0))
+    assert worker_count("auto", devices=100, on_cpu=False) == 1           # a forked process cannot use CUDA
+    with pytest.raises(ValueError, match="CPU only"):
+        worker_count(2, devices=100, on_cpu=False)
 
 
 def _run(tiny_cfg, **over):

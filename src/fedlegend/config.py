@@ -221,7 +221,7 @@ class Config(_Section):
         if self.fleet.device_activation_cache and self.run.engine != "local":
             raise ValueError("fleet.device_activation_cache is simulated by the local engine only; use "
                              "run.engine = \"local\" or turn the cache off")
-        if self.run.workers != 1 and self.run.engine != "local":
+        if self.run.workers not in (1, "auto") and self.run.engine != "local":
             raise ValueError("run.workers is the local engine's; the Flower engine already runs every device in a "
                              "process of its own: drop run.workers (or --workers)")
         return self

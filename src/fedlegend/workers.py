@@ -16,22 +16,36 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import sys
 import traceback
 
 import torch
 
 from .client import LocalResult, LocalTrainingError, device_rng, planned_work, train_local
+from .execution import model_device
 
 
-def worker_count(setting: int | str, devices: int) -> int:
-    """run.workers: an integer, or "auto" (one per core, at most one per device)."""
-    n = (os.cpu_count() or 1) if setting == "auto" else int(setting)
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers set; else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def worker_count(setting: int | str, devices: int, on_cpu: bool = True) -> int:
+    """run.workers: an integer, or "auto": one per core (at most one per device) where processes can be
+    forked safely (Linux, the model on the CPU), else 1."""
+    if setting == "auto":
+        n = cores() if on_cpu and sys.platform.startswith("linux") else 1
+    else:
+        n = int(setting)
+        if n > 1 and not on_cpu:
+            raise ValueError(f"run.workers = {n}: worker processes train on the CPU only (a forked process cannot "
+                             "use the parent's CUDA context); on a GPU use run.workers = 1 and run.batch_devices")
     return max(1, min(n, devices))
 
 
 def open_pool(exp) -> "WorkerPool | None":
     """The processes run.workers asks for, or None for this process alone."""
-    n = worker_count(exp.cfg.run.workers, exp.cfg.fleet.devices)
+    n = worker_count(exp.cfg.run.workers, exp.cfg.fleet.devices, model_device(exp.host.model).type == "cpu")
     return WorkerPool(exp, n) if n > 1 else None
 
 
