@@ -161,6 +161,27 @@ def test_lm_step_prices_the_lm_head_at_the_kept_logits_only(llama_dir):
     assert (work.forward_flops, work.backward_flops) == (2 * fwd, 2 * bwd)
 
 
+def test_legend_plans_with_the_lm_head_at_the_typical_answer_positions(tiny_cfg, llama_dir, word_file):
+    """LEGEND's eq. 14-15 budget check prices a step as the devices run it: the lm_head at the typical
+    answer length + 1 (90th percentile, as the width), not at every position."""
+    import numpy as np
+
+    from fedlegend.data import Encoded
+    from fedlegend.devices import step_work_flops
+    from fedlegend.experiment import build_experiment, nominal_outputs_of
+
+    enc = Encoded(ids=[[1] * 10] * 10, labels=np.zeros(10, int), answer_start=np.array([9] * 9 + [5]))
+    assert nominal_outputs_of(enc) == int(np.percentile([1] * 9 + [5], 90)) + 1 == 2
+    assert nominal_outputs_of(Encoded(ids=[[1, 2]], labels=np.zeros(1, int))) is None   # a pooled head
+    exp = build_experiment(_decoder_cfg(tiny_cfg, llama_dir, word_file))
+    ctx = exp.method.ctx
+    answers = [len(x) - int(a) for x, a in zip(exp.train.ids, exp.train.answer_start)]
+    assert ctx.nominal_outputs == int(np.percentile(answers, 90)) + 1 < ctx.nominal_width
+    ranks = exp.method.layer_ranks(2)
+    planned = step_work_flops(exp.spec, ranks, set(ranks), ctx.batch_size, ctx.nominal_width, ctx.nominal_outputs)
+    assert planned < step_work_flops(exp.spec, ranks, set(ranks), ctx.batch_size, ctx.nominal_width)
+
+
 def test_encoder_prices_are_unchanged(model_spec):
     """Specs without decoder fields price as before: 4h^2 + 2hi per token, a trained head twice."""
     from fedlegend.devices import step_work_flops

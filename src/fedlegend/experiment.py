@@ -199,10 +199,12 @@ def steps_per_device(cfg: Config, facts: list[PartitionFacts]) -> list[int]:
             for f in facts]
 
 
-def method_context(cfg: Config, spec: ModelSpec, facts: list[PartitionFacts], nominal_width: int) -> MethodContext:
+def method_context(cfg: Config, spec: ModelSpec, facts: list[PartitionFacts], nominal_width: int,
+                   nominal_outputs: int | None = None) -> MethodContext:
     """The facts a method plans with: each device's steps and label counts, from its reported partition."""
     return MethodContext(spec=spec, num_devices=cfg.fleet.devices, local_steps=tuple(steps_per_device(cfg, facts)),
-                         batch_size=cfg.train.batch_size, nominal_width=nominal_width, seed=cfg.run.seed,
+                         batch_size=cfg.train.batch_size, nominal_width=nominal_width,
+                         nominal_outputs=nominal_outputs, seed=cfg.run.seed,
                          alpha_over_rank=cfg.model.lora_alpha_over_rank,
                          label_counts=tuple(f.label_counts for f in facts))
 
@@ -217,17 +219,26 @@ def nominal_width_of(data: Encoded) -> int:
     return int(np.percentile([len(x) for x in data.ids], 90))
 
 
+def nominal_outputs_of(data: Encoded) -> int | None:
+    """Typical output-layer positions per sequence for FLOP budgets: an LM task's answer tokens + 1
+    (tasks.lm.answer_keep; 90th percentile, as the width); None (one pooled position) otherwise."""
+    if data.answer_start is None:
+        return None
+    return int(np.percentile([len(x) - int(a) for x, a in zip(data.ids, data.answer_start)], 90)) + 1
+
+
 def build_server(cfg: Config, source: ModelSource, facts: list[PartitionFacts], test: Encoded,
-                 label_names: list[str], nominal_width: int,
+                 label_names: list[str], nominal: Encoded,
                  make: Callable[[MethodContext], Method] | None = None) -> Experiment:
-    """The server side from what it holds (model, test set) and what devices reported (`facts`).
+    """The server side from what it holds (model, test set) and what devices reported (`facts`);
+    `nominal`: the examples whose typical sizes price a method's FLOP budgets.
     `make` builds the method from its context instead of the registry (cfg.method.name): a fixed
     layout of the pre-tests (pretest.py); the host's global layout is then that method's."""
     if len(facts) != cfg.fleet.devices:
         raise ValueError(f"{len(facts)} partition reports for a fleet of {cfg.fleet.devices} devices")
     fleet = make_fleet(cfg)
     model, spec = load_base_model(cfg, source, len(label_names))
-    ctx = method_context(cfg, spec, facts, nominal_width)
+    ctx = method_context(cfg, spec, facts, nominal_width_of(nominal), nominal_outputs_of(nominal))
     method = make(ctx) if make is not None else make_method(cfg.method.name, ctx, cfg.method.model_dump())
     host = attach_host(cfg, method, model, spec)
     initial = host.read(host.GLOBAL)
@@ -245,7 +256,7 @@ def build_experiment(cfg: Config, make: Callable[[MethodContext], Method] | None
     split = load_split(cfg, source)
     parts = device_partitions(cfg, split.train)
     facts = [facts_of(split.train.subset(p), len(split.label_names)) for p in parts]
-    exp = build_server(cfg, source, facts, split.test, split.label_names, nominal_width_of(split.train), make)
+    exp = build_server(cfg, source, facts, split.test, split.label_names, split.train, make)
     exp.train, exp.parts = split.train, parts
     exp.prefix_cache = cache_for(cfg.cache, exp.spec.hidden, [len(x) for x in split.train.ids],
                                  cfg.run.rounds * cfg.train.batch_size * sum(exp.steps), cfg.model.dropout)

@@ -148,6 +148,7 @@ class MethodContext:
     local_steps: tuple[int, ...]   # optimizer steps of each device per round (its epoch when train.local_steps = 0)
     batch_size: int
     nominal_width: int   # typical padded sequence length, for FLOP budgets
+    nominal_outputs: int | None = None   # typical output-layer positions per sequence (None: devices.output_flops')
     seed: int = 0        # for methods that draw at random (FedRA, FLoRA, FedAdapter)
     alpha_over_rank: float = 2.0  # LoRA scaling alpha/r: B·A enters the weight as (alpha/r)·B·A
     label_counts: tuple[tuple[int, ...], ...] = ()  # per device, for methods that group by data (HierFedLoRA)

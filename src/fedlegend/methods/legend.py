@@ -169,7 +169,7 @@ class Legend(Method):
                 feasible.append(True)
                 continue
             ranks = self.layer_ranks(k)
-            f, b = step_work_flops(spec, ranks, set(ranks), ctx.batch_size, ctx.nominal_width)
+            f, b = step_work_flops(spec, ranks, set(ranks), ctx.batch_size, ctx.nominal_width, ctx.nominal_outputs)
             flops = ctx.steps_of(device) * (f + b)      # the device's steps this round (its epoch, if epochs)
             up = 4 * (sum(r * spec.lora_params_per_rank(l) for l, r in ranks.items()) + spec.head_params())
             feasible.append(fits_budget(flops, up, budget))

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from logging import INFO, WARNING
 
 from ...config import Config, load_config
-from ...experiment import Experiment, PartitionFacts, build_server, load_model_source, load_split, nominal_width_of
+from ...experiment import Experiment, PartitionFacts, build_server, load_model_source, load_split
 from .. import Engine
 from .client import make_client_app
 from .flwr_compat import log
@@ -63,8 +63,8 @@ def discover(grid: Grid, cfg: Config, node_wait_s: float = 120.0,
         events += [{"device": d, "kind": "no-report", "detail": "no partition report before round 1"} for d in missing]
     facts = [roster.reports.get(d, PartitionFacts(0, (0,) * len(labels))) for d in range(n)]
     log(INFO, "fedlegend: partition reports (samples) %s", [f.samples for f in facts])
-    # FLOP budgets' typical width from the server's own test set: the devices' texts never leave them
-    return build_server(cfg, source, facts, split.test, labels, nominal_width_of(split.test)), roster, events
+    # FLOP budgets' typical sizes from the server's own test set: the devices' texts never leave them
+    return build_server(cfg, source, facts, split.test, labels, split.test), roster, events
 
 
 def run_on_grid(grid: Grid, round_timeout_s: float, status: str = "measured", rejoin_wait_s: float = 30.0,
