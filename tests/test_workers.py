@@ -112,3 +112,17 @@ def test_cli_workers_flag():
     for bad in ("0", "-1", "two"):
         with pytest.raises(argparse.ArgumentTypeError, match="number of processes"):
             _workers(bad)
+
+
+def test_a_worker_that_dies_is_named(tiny_cfg, keep_threads):
+    """A child killed mid-run (say, by the kernel's OOM killer) stops the round with its pid and the way out."""
+    import signal
+
+    exp = build_experiment(tiny_cfg(**{"fleet.devices": 4, "run.threads": 1}))
+    rp = plan_round(exp, 1, exp.initial_state, Estimator(exp.method.info.rho))
+    with WorkerPool(exp, 2) as pool:
+        proc = pool.children[0][0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=10)
+        with pytest.raises(RuntimeError, match=rf"pid {proc.pid}.*exit code -9.*run.workers = 1"):
+            pool.train(rp.assignments)

@@ -92,10 +92,13 @@ def train_share(exp, assignments: dict) -> dict[int, LocalResult | LocalTraining
 
 
 def _serve(exp, conn) -> None:
-    """A child's loop: a list of assignments in, {device: result or error} out; None stops it."""
+    """A child's loop: a list of assignments in, {device: result or error} out; "stop" (or a closed pipe) ends it."""
     torch.set_num_threads(1)
     while True:
-        msg = conn.recv_bytes()
+        try:
+            msg = conn.recv_bytes()
+        except EOFError:   # the parent is gone (killed): nothing left to serve
+            return
         if msg == b"stop":
             return
         try:
@@ -125,7 +128,10 @@ class WorkerPool:
         costs = {dev: _cost(self.exp, a) for dev, a in assignments.items()}
         shares = share_out(costs, self.n)
         for (proc, conn), share in zip(self.children, shares[1:]):
-            conn.send_bytes(_dumps([assignments[d] for d in share]))
+            try:
+                conn.send_bytes(_dumps([assignments[d] for d in share]))
+            except (BrokenPipeError, OSError):
+                raise _died(proc) from None
         threads = torch.get_num_threads()
         torch.set_num_threads(1)   # one core per process while the children work
         try:
@@ -136,8 +142,7 @@ class WorkerPool:
             try:
                 status, value = _loads(conn.recv_bytes())
             except EOFError:
-                raise RuntimeError(f"a training worker (pid {proc.pid}) died (exit code {proc.exitcode}); "
-                                   "rerun with run.workers = 1 to see the error in this process") from None
+                raise _died(proc) from None
             if status != "ok":
                 raise RuntimeError(f"a training worker failed on devices {share}:\n{value}")
             out.update(value)
@@ -160,6 +165,12 @@ class WorkerPool:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _died(proc) -> RuntimeError:
+    proc.join(timeout=5)
+    return RuntimeError(f"a training worker (pid {proc.pid}) died (exit code {proc.exitcode}; -9: killed, e.g. out "
+                        "of memory); rerun with run.workers = 1 to see the error in this process")
 
 
 def _cost(exp, a) -> float:
