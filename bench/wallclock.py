@@ -80,6 +80,9 @@ def child(overrides: dict, profile: str | None) -> dict:
     split.wrap(local, "evaluate", "evaluation")
     split.wrap(local, "plan_round", "planning_aggregation")
     split.wrap(local, "finish_round", "planning_aggregation")
+    built = []   # the experiment, for the frozen-prefix cache's size at the end
+    timed_build = rundir.build_experiment
+    rundir.build_experiment = lambda *a, **k: built.append(timed_build(*a, **k)) or built[-1]
     cfg = build_config({}, overrides)
     profiler = None
     if profile:
@@ -102,7 +105,8 @@ def child(overrides: dict, profile: str | None) -> dict:
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "final_accuracy": summary["final_accuracy"],
             "rounds": cfg.run.rounds, "devices": cfg.fleet.devices, "threads": __import__("torch").get_num_threads(),
             # run.workers' processes (joined by the end): their CPU time and the largest one's peak RSS
-            "workers_cpu_s": kids.ru_utime + kids.ru_stime, "workers_peak_rss_mb": kids.ru_maxrss / 1024}
+            "workers_cpu_s": kids.ru_utime + kids.ru_stime, "workers_peak_rss_mb": kids.ru_maxrss / 1024,
+            "prefix_cache_mb": (built[0].prefix_cache.bytes / 2**20 if built and built[0].prefix_cache else 0.0)}
 
 
 def cases(a) -> dict[str, dict]:
@@ -164,7 +168,7 @@ def print_row(r: dict) -> None:
              if "extrapolated_36_rounds_s" in r else "")
     print(f"{r['case']:<10} {r['devices']:>4} dev {r['rounds']:>3} rounds  total {r['total_s']:7.1f} s "
           f"({r['cpu_s']:.1f} cpu-s{_workers(r)}){extra}  "
-          f"peak RSS {r['peak_rss_mb']:6.0f} MB  acc {r['final_accuracy']:.4f}  load {r['load_before'][0]:.1f}"
+          f"peak RSS {r['peak_rss_mb']:6.0f} MB (prefix cache {r.get('prefix_cache_mb', 0):.0f} MB)  acc {r['final_accuracy']:.4f}  load {r['load_before'][0]:.1f}"
           f"->{r['load_after'][0]:.1f}\n           {parts}", flush=True)
 
 
