@@ -102,15 +102,15 @@ def main() -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (model, rows) in enumerate(results.items()):
-        for r in rows:
-            pts = [(s["target"], s["time_x"]) for s in r["sweep"] if s["time_x"]]
+        for r, style in zip(rows, ["-", "--", ":", "-."] * len(rows)):
+            pts = [(100 * s["target"], s["time_x"]) for s in r["sweep"] if s["time_x"]]
             if pts:
-                ax.plot(*zip(*[(100 * t, x) for t, x in pts]), marker="o", ms=3, color=f"C{i}", alpha=0.8,
-                        label=model if r is rows[0] else None)
+                ax.plot(*zip(*pts), marker="o", ms=3, ls=style, color=f"C{i}", alpha=0.8,
+                        label=f"{model}, seed {r['seed']}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xlabel="target accuracy (%)", ylabel="time to target: FedLoRA / LEGEND",
-           title="LEGEND's lead against the target (one line per seed)")
-    ax.legend()
+           title="LEGEND's lead against the target")
+    ax.legend(fontsize=7)
     save(fig, a.out / "depth_lever.png")
     print(f"wrote {a.out}/depth_lever.json, .csv, .png")
 
