@@ -1,6 +1,7 @@
 """The depth-lever question (issue 15): does LEGEND's lead over FedLoRA grow with the number of layers?
 
-Reads the run folders of `fedlegend compare --methods legend,fedlora` on two or more models (the same
+Reads the run folders of `fedlegend compare --methods legend,fedlora` (or the records kept in
+docs/results/depth-lever/) on two or more models (the same
 fleet, schedule and seeds) and prints, per model and seed, LEGEND's lead over FedLoRA:
 - time to target by the paper's rule (target = the lower final accuracy of the two; FedLoRA's time
   over LEGEND's), traffic to it and mean waiting (LEGEND's over FedLoRA's);
@@ -12,8 +13,8 @@ fleet, schedule and seeds) and prints, per model and seed, LEGEND's lead over Fe
 Writes depth_lever.json, depth_lever.csv and depth_lever.png (ratio against target, one line per model
 and seed) into --out.
 
-    python bench/depth_lever.py --runs minilm-l6=runs/lever/minilm-l6 mpnet-base=runs/lever/mpnet-base \
-        --seeds 0,1,2 --out bench/out/depth-lever
+    python bench/depth_lever.py --runs minilm-l6=docs/results/depth-lever/minilm-l6 \
+        mpnet-base=docs/results/depth-lever/mpnet-base --seeds 0,1,2 --out bench/out/depth-lever
 """
 
 from __future__ import annotations
@@ -46,9 +47,15 @@ def reached_levels(legend: list[dict], fedlora: list[dict], lowest: float) -> li
     return sorted(a for a in levels if lowest <= a <= top)
 
 
+def run_records(folder: Path, method: str, seed: int) -> list[dict]:
+    """A run's records from a compare folder (METHOD-seedS/records.jsonl) or from the copies kept under
+    docs/results (METHOD-seedS-records.jsonl)."""
+    run = folder / f"{method}-seed{seed}" / "records.jsonl"
+    return read_records(run if run.exists() else folder / f"{method}-seed{seed}-records.jsonl")
+
+
 def one_seed(run_dir: Path, seed: int, lowest: float) -> dict:
-    legend = read_records(run_dir / f"legend-seed{seed}" / "records.jsonl")
-    fedlora = read_records(run_dir / f"fedlora-seed{seed}" / "records.jsonl")
+    legend, fedlora = run_records(run_dir, "legend", seed), run_records(run_dir, "fedlora", seed)
     rule = min(final_accuracy(legend), final_accuracy(fedlora))   # the paper's target rule
     at_rule = lead(legend, fedlora, rule)
     return {
