@@ -1,8 +1,11 @@
 """Many devices in one pass (batched.py) against one device at a time (client.train_local).
 
-Tolerance: fp32, atol 1e-5 on losses and adapter tensors (the group's padded chunks change matmul
-shapes, so results differ from sequential execution by float rounding only); batch shapes, seen
-examples, failures and every device's rng stream are exactly the same."""
+Tolerance: fp32, atol 1e-5 on losses and 5e-5 (lr / 1000) on adapter tensors (the group's padded chunks
+change matmul shapes, so results differ from sequential execution by float rounding only, which AdamW's
+division by the root of the squared gradient amplifies on near-zero gradient coordinates: measured up to
+9e-7 on one x86 CPU and 1.3e-5 on another, whose math library picks other kernels; an error in the
+batching moves tensors by about lr = 5e-2 per step); batch shapes, seen examples, failures and every
+device's rng stream are exactly the same."""
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from fedlegend.spec import inspect_model
 from fedlegend.tasks import build_task
 
 ATOL = 1e-5
+LOCAL_STATE_ATOL = 5e-5   # adapter tensors after one local training, lr / 1000: see the docstring
 
 
 def tiny_classifier(dropout=0.0):
@@ -77,7 +81,7 @@ def assert_same(seq, bat):
         assert b.loss == pytest.approx(s.loss, abs=ATOL)
         assert list(b.state) == list(s.state)
         for k in s.state:
-            assert torch.allclose(b.state[k], s.state[k], atol=ATOL, rtol=0), (dev, k)
+            assert torch.allclose(b.state[k], s.state[k], atol=LOCAL_STATE_ATOL, rtol=0), (dev, k)
 
 
 @pytest.mark.parametrize("max_tokens", [None, 40], ids=["one-chunk", "many-chunks"])
