@@ -93,6 +93,7 @@ def test_fit_per_layer_and_cpu_peak_memory():
     (["pretest", "ranks", "--positions", "top"], "unknown layer position"),
     (["pretest", "position", "--engine", "flower"], "local engine"),
     (["pretest", "depth", "--depths", "1,x"], "comma-separated integers"),
+    (["pretest", "ranks", "--measure-only"], "depth pre-test's"),
 ])
 def test_cli_refuses_bad_requests_in_one_line(argv, message, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "out"), "--quiet"]) == 2
@@ -162,3 +163,19 @@ def test_depth_and_ranks_pretests_end_to_end(tmp_path):
     assert [r["variant"] for r in rows] == list(DISTRIBUTIONS) + ["deep-r1", "deep-r2"]
     assert all(sum(map(int, r["ranks"].split())) == 12 for r in rows[:4])
     assert rows[4]["gain_vs_lowest_rank"] == "0.0" and (out / "ranks.png").exists()
+
+
+@pytest.mark.slow
+def test_depth_measure_only_measures_without_federated_runs(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    out = tmp_path / "out"
+    assert main(["pretest", "depth", "--measure-only", "--depths", "1,3,6", "--measure-steps", "1", "--config",
+                 str(tmp_path / "tiny.toml"), "--out", str(out), "--quiet"]) == 0
+    rows = _rows(out / "depth.csv")
+    assert [r["depth"] for r in rows] == ["1", "3", "6"]
+    assert all(r["final_accuracy"] == "" and r["mean_round_time_s"] == "" for r in rows)   # no federated run
+    assert all(float(r["cpu_ms_per_batch"]) > 0 for r in rows)
+    assert float(rows[2]["peak_mb"]) > float(rows[0]["peak_mb"])
+    assert not any((out / "depth").glob("depth*-seed0"))   # no run folders
+    assert (out / "depth" / "measure.json").exists() and (out / "depth.png").stat().st_size > 0
+    assert "| 6 | 0-5 | - | - |" in (out / "depth.md").read_text()

@@ -152,7 +152,7 @@ def cmd_pretest(a: argparse.Namespace) -> int:
           f"{cfg.run.rounds} rounds -> {a.out}", file=sys.stderr)
     run_pretest(a.kind, cfg, a.out, rank=a.rank, depths=parse_ints(a.depths, "--depths"), budget=a.budget,
                 positions=positions, sweep=parse_ints(a.sweep_ranks, "--sweep-ranks"), measure_steps=a.measure_steps,
-                progress=not a.quiet, resume=a.resume, distributions=dists)
+                progress=not a.quiet, resume=a.resume, distributions=dists, measure_only=a.measure_only)
     print(f"outputs in {a.out}/: {a.kind}.csv {a.kind}.md {a.kind}.png, one run folder per layout in {a.kind}/")
     return 0
 
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--rank", type=int, default=8, help="position, depth: the rank of every chosen layer (default 8)")
     pre.add_argument("--depths", help="depth: comma-separated depths (default 1..L)")
     pre.add_argument("--measure-steps", type=int, default=5, help="depth: timed training steps per depth (default 5)")
+    pre.add_argument("--measure-only", action="store_true", help="depth: only the training step at each depth, "
+                     "measured here (minutes), without the federated runs")
     pre.add_argument("--budget", type=int, help="ranks: total rank of the distributions (default 8 per layer; "
                      "the paper: 96 over 12)")
     pre.add_argument("--positions", help="ranks: layer positions of the rank sweep, comma-separated from all, "

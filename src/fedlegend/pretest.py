@@ -202,15 +202,21 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
 
 
 def pretest_depth(cfg: Config, out: Path, rank: int = 8, depths: list[int] | None = None, measure_steps: int = 5,
-                  progress: bool = True, resume: bool = False) -> list[dict]:
+                  progress: bool = True, resume: bool = False, measure_only: bool = False) -> list[dict]:
     """Fig. 4: the top k layers at rank `rank` for each depth k: federated accuracy and round time, and
-    the per-batch latency and peak memory of a training step measured on this machine."""
+    the per-batch latency and peak memory of a training step measured on this machine. measure_only:
+    the measurement alone (minutes where the federated runs take hours on a large model); the accuracy
+    and round-time columns stay empty."""
     L = _num_layers(cfg)
     depths = sorted(set(depths or range(1, L + 1)))
     for k in depths:
         depth_layers(L, k)
     variants = [Variant(f"depth{k}", {l: rank for l in depth_layers(L, k)}) for k in depths]
-    rows = run_variants(cfg, out / "depth", variants, progress, resume)
+    if measure_only:
+        rows = [{"variant": v.name, "layers": sorted(v.ranks), "ranks": [rank] * len(v.ranks), "final_accuracy": None,
+                 "mean_round_time_s": None} for v in variants]
+    else:
+        rows = run_variants(cfg, out / "depth", variants, progress, resume)
     mpath = out / "depth" / "measure.json"
     key = {"config": dump_config(cfg), "depths": depths, "rank": rank, "steps": measure_steps}
     saved = json.loads(mpath.read_text()) if resume and mpath.exists() else None
@@ -240,7 +246,8 @@ def pretest_depth(cfg: Config, out: Path, rank: int = 8, depths: list[int] | Non
              "| depth | layers | final acc % | mean round time (virtual s) | CPU ms / batch | wall ms / batch | "
              "peak MB / step |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['depth']} | {_span(r['layers'])} | {_pct(r['final_accuracy'])} | {r['mean_round_time_s']:.1f} | "
+        acc = "-" if measure_only else _pct(r["final_accuracy"])
+        lines.append(f"| {r['depth']} | {_span(r['layers'])} | {acc} | {_num(r['mean_round_time_s'])} | "
                      f"{r['cpu_ms_per_batch']:.1f} | {r['wall_ms_per_batch']:.1f} | {r['peak_mb']:.1f} |")
     d0, d1 = depths[0], depths[-1]
     lines += ["", "| per added layer / from shallowest to deepest | here | paper (RoBERTa-base, Jetson) |", "|---|---|---|",
@@ -253,13 +260,16 @@ def pretest_depth(cfg: Config, out: Path, rank: int = 8, depths: list[int] | Non
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4))
     x = np.array(depths)
-    a1.bar(x, [100 * (r["final_accuracy"] or 0) for r in rows], color="tab:blue", alpha=0.7, label="final accuracy")
     accs = [100 * r["final_accuracy"] for r in rows if r["final_accuracy"] is not None]
     if accs:
+        a1.bar(x, [100 * (r["final_accuracy"] or 0) for r in rows], color="tab:blue", alpha=0.7, label="final accuracy")
         a1.set_ylim(max(0.0, min(accs) - 5), min(100.0, max(accs) + 3))
-    a1.set(xlabel="LoRA depth", ylabel="final accuracy (%)", title="(a) accuracy & per-batch latency")
+        a1.set(xlabel="LoRA depth", ylabel="final accuracy (%)", title="(a) accuracy & per-batch latency")
+        t1 = a1.twinx()
+    else:   # measure_only: latency alone
+        a1.set(xlabel="LoRA depth", title="(a) per-batch latency")
+        t1 = a1
     a1.set_xticks(x)
-    t1 = a1.twinx()
     t1.plot(x, [r[lat_key] for r in rows], "o-", c="tab:red")
     t1.set_ylabel(f"per-batch latency (ms, {clock.split(' (')[0]})", color="tab:red")
     a2.bar(x, [r["peak_mb"] for r in rows], color="tab:green")
@@ -344,17 +354,19 @@ def pretest_ranks(cfg: Config, out: Path, budget: int | None = None, positions: 
 def run_pretest(kind: str, cfg: Config, out: str | Path, *, rank: int = 8, depths: list[int] | None = None,
                 budget: int | None = None, positions: list[str] | None = None, sweep: list[int] | None = None,
                 measure_steps: int = 5, progress: bool = True, resume: bool = False,
-                distributions: list[str] | None = None) -> list[dict]:
+                distributions: list[str] | None = None, measure_only: bool = False) -> list[dict]:
     """One pre-test into `out` (KIND.csv, KIND.md, KIND.png and one run folder per layout in OUT/KIND/)."""
     if kind not in KINDS:
         raise PretestError(f"unknown pre-test {kind!r}; use one of {', '.join(KINDS)}")
     if rank < 1:
         raise PretestError(f"--rank must be >= 1, got {rank}")
+    if measure_only and kind != "depth":
+        raise PretestError(f"--measure-only is the depth pre-test's (a training step per depth); drop it for {kind}")
     check_local(cfg)
     out = Path(out)
     (out / kind).mkdir(parents=True, exist_ok=True)
     if kind == "position":
         return pretest_position(cfg, out, rank, progress, resume, positions)
     if kind == "depth":
-        return pretest_depth(cfg, out, rank, depths, measure_steps, progress, resume)
+        return pretest_depth(cfg, out, rank, depths, measure_steps, progress, resume, measure_only)
     return pretest_ranks(cfg, out, budget, positions, sweep, progress, resume, distributions)
