@@ -153,7 +153,8 @@ def cmd_pretest(a: argparse.Namespace) -> int:
     run_pretest(a.kind, cfg, a.out, rank=a.rank, depths=parse_ints(a.depths, "--depths"), budget=a.budget,
                 positions=positions, sweep=parse_ints(a.sweep_ranks, "--sweep-ranks"), measure_steps=a.measure_steps,
                 progress=not a.quiet, resume=a.resume, distributions=dists, measure_only=a.measure_only)
-    print(f"outputs in {a.out}/: {a.kind}.csv {a.kind}.md {a.kind}.png, one run folder per layout in {a.kind}/")
+    folders = f"{a.kind}/measure.json" if a.measure_only else f"one run folder per layout in {a.kind}/"
+    print(f"outputs in {a.out}/: {a.kind}.csv {a.kind}.md {a.kind}.png, {folders}")
     return 0
 
 
