@@ -56,3 +56,8 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     assert "fleet.devicez: unknown key" in capsys.readouterr().err
     assert main(["run", "--method", "nope", "--out", str(tmp_path / "o")]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_backward_cost_out_of_range_named():
+    with pytest.raises(ConfigError, match=r"fleet\.backward_cost"):
+        build_config({"fleet": {"backward_cost": 0}})

@@ -62,3 +62,25 @@ def test_time_from_work():
     rt = f.time(0, 0, Work(forward_flops=s.gflops * 1e9, backward_flops=0.0, bytes_down=0, bytes_up=int(s.up_mbps * 1e6 / 8)))
     assert rt.forward_s == pytest.approx(1.0) and rt.upload_s == pytest.approx(1.0)
     assert rt.total_s == pytest.approx(2.0)
+
+
+def test_backward_cost_slows_the_backward_only_and_sets_the_depth_lever(model_spec):
+    """fleet.backward_cost: seconds per backward FLOP over seconds per forward FLOP. At 1 (the FLOP
+    count, what a CPU measures) depth 12 of a 12-layer model costs ~+85 % over depth 1; at 3.6 about
+    the paper's +252 % (its fig. 4)."""
+    work = Work(forward_flops=4e9, backward_flops=6e9, bytes_down=1000, bytes_up=1000)
+    a, b = Fleet(4, seed=0).time(1, 3, work), Fleet(4, seed=0, backward_cost=2.5).time(1, 3, work)
+    assert b.backward_s == pytest.approx(2.5 * a.backward_s)
+    assert (b.forward_s, b.upload_s, b.download_s) == (a.forward_s, a.upload_s, a.download_s)
+    s = model_spec(L=12, d=768)
+
+    def step_s(fleet, k):
+        ranks = {l: 8 for l in range(12 - k, 12)}
+        f, g = step_work_flops(s, ranks, set(ranks), 8, 42)
+        rt = fleet.time(0, 0, Work(f, g, 0, 0))
+        return rt.forward_s + rt.backward_s
+    for cost, lo, hi in ((1.0, 1.75, 2.0), (3.6, 3.3, 3.7)):
+        fleet = Fleet(4, seed=0, backward_cost=cost)
+        assert lo < step_s(fleet, 12) / step_s(fleet, 1) < hi
+    with pytest.raises(ValueError, match="backward_cost"):
+        Fleet(4, seed=0, backward_cost=0.0)

@@ -109,6 +109,12 @@ class FleetConfig(_Section):
         1024.0, gt=0, description="per-device storage for the activation cache (fp16 states, least recently used "
                                   "evicted beyond it); 1 GiB = 1/8 of a Jetson TX2's or Xavier NX's 8 GB"
     )
+    backward_cost: float = Field(
+        1.0, ge=0.5, le=10.0, description="a device's backward runs this many times slower per FLOP than its forward: "
+                                          "1 = the FLOP count alone (a frozen layer's backward ~ one forward; a CPU "
+                                          "measures that: docs/pretest.md); about 3.6 gives the paper's devices' "
+                                          "+252 % latency from LoRA depth 1 to 12"
+    )
 
     @model_validator(mode="after")
     def _bandwidth_order(self) -> "FleetConfig":

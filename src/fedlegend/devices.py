@@ -95,9 +95,11 @@ class Fleet:
 
     def __init__(self, num_devices: int, seed: int, mode_change_every: int = 20,
                  bandwidth_min_mbps: float = 1.0, bandwidth_max_mbps: float = 30.0,
-                 downlink_factor: float = 4.0, dropout_rate: float = 0.0):
+                 downlink_factor: float = 4.0, dropout_rate: float = 0.0, backward_cost: float = 1.0):
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+        if backward_cost <= 0.0:
+            raise ValueError(f"backward_cost must be > 0, got {backward_cost}")
         rng = np.random.default_rng([seed, 7001])
         kinds = list(DEVICE_TYPES)
         counts = _apportion(num_devices, [DEVICE_TYPES[k].share for k in kinds])
@@ -111,6 +113,7 @@ class Fleet:
         self.bw_range = (bandwidth_min_mbps, bandwidth_max_mbps)
         self.downlink_factor = downlink_factor
         self.dropout_rate = dropout_rate
+        self.backward_cost = backward_cost   # seconds per backward FLOP over seconds per forward FLOP
         self.cache = None   # the devices' activation caches (device_cache.DeviceCaches) when the fleet keeps them
 
     def __len__(self) -> int:
@@ -130,7 +133,7 @@ class Fleet:
         s = self.state(device, round_)
         return RoundTime(download_s=work.bytes_down * 8 / (s.down_mbps * 1e6),
                          forward_s=work.forward_flops / (s.gflops * 1e9),
-                         backward_s=work.backward_flops / (s.gflops * 1e9),
+                         backward_s=work.backward_flops * self.backward_cost / (s.gflops * 1e9),
                          upload_s=work.bytes_up * 8 / (s.up_mbps * 1e6))
 
     def dropout(self, device: int, round_: int) -> float | None:

@@ -178,7 +178,7 @@ def device_partitions(cfg: Config, train: Encoded, num_devices: int | None = Non
 def make_fleet(cfg: Config) -> Fleet:
     f = cfg.fleet
     fleet = Fleet(f.devices, cfg.run.seed, f.mode_change_every, f.bandwidth_min_mbps, f.bandwidth_max_mbps,
-                  f.downlink_factor, f.dropout_rate)
+                  f.downlink_factor, f.dropout_rate, f.backward_cost)
     if f.device_activation_cache:
         fleet.cache = DeviceCaches(f.device_cache_mb)
     return fleet
